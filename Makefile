@@ -1,0 +1,51 @@
+# Two commands on a fresh machine with only python3:
+#   make demo   create .venv, install, run the demo
+#   make test   create .venv, install the test extras, run the whole suite
+# torch is installed first and on its own, so that no dependency range pulls a CUDA build.
+# For a CUDA machine: make test TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://..."
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+
+PY  := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test venv install install-test benchmark clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Stamp files make re-runs no-ops until pyproject.toml or the torch spec changes.
+$(VENV)/.torch-stamp: $(PY)
+	$(PIP) install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
+	echo "$(TORCH_SPEC)" > $@
+
+$(VENV)/.install-stamp: $(VENV)/.torch-stamp pyproject.toml
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.test-stamp: $(VENV)/.install-stamp pyproject.toml
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+venv: $(PY)
+install: $(VENV)/.install-stamp
+install-test: $(VENV)/.test-stamp
+
+demo: $(VENV)/.install-stamp
+	$(PY) examples/lora_quickstart.py --output-dir runs/demo
+
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+test: $(VENV)/.test-stamp
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+benchmark: $(VENV)/.test-stamp
+	$(PY) benchmarks/lora_linear.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
