@@ -1,0 +1,208 @@
+"""The PEFT checkpoint format, both ways. The key mapping lives here and nowhere else.
+
+A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or the
+older ``adapter_model.bin``); a non-default adapter is saved in ``<dir>/<adapter_name>/``.
+Keys are the model's parameter names with the prefix ``base_model.model.`` and the adapter name
+removed:
+
+    ours (in memory)                                  peft file
+    <m>.lora_A.<adapter>.weight                       base_model.model.<m>.lora_A.weight
+    <m>.lora_B.<adapter>.weight                       base_model.model.<m>.lora_B.weight
+    <m>.lora_embedding_A.<adapter>.weight             base_model.model.<m>.lora_embedding_A
+    <m>.lora_embedding_B.<adapter>.weight             base_model.model.<m>.lora_embedding_B
+    <m>.modules_to_save.<adapter>.<rest>              base_model.model.<m>.<rest>
+    <m>.base_layer.bias / <m>.bias (bias=all|lora_only) base_model.model.<m>.base_layer.bias / ...
+
+peft also writes full embedding weights when an embedding is targeted
+(``<m>.base_layer.weight``, ``lm_head.weight``); those load into the base weights, as in peft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import CONFIG_NAME, LoraConfig, load_config
+from ..control import adapter_configs, adapter_layers, get_config, unwrap
+from .atomic import atomic_path
+
+PREFIX = "base_model.model."
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+
+_LORA_FACTOR = re.compile(r"^(?P<m>.+)\.(?P<kind>lora_A|lora_B)\.(?P<a>[^.]+)\.weight$")
+_EMB_FACTOR = re.compile(r"^(?P<m>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)\.(?P<a>[^.]+)\.weight$")
+_SAVED_COPY = re.compile(r"^(?P<m>.+)\.modules_to_save\.(?P<a>[^.]+)\.(?P<rest>.+)$")
+
+
+def to_peft_key(key: str, adapter_name: str) -> Optional[str]:
+    """Our parameter name -> peft's file key, or None when the key belongs to another adapter
+    or is not an adapter tensor at all."""
+    for pattern, fmt in ((_LORA_FACTOR, "{m}.{kind}.weight"), (_EMB_FACTOR, "{m}.{kind}")):
+        found = pattern.match(key)
+        if found:
+            return PREFIX + fmt.format(**found.groupdict()) if found["a"] == adapter_name else None
+    found = _SAVED_COPY.match(key)
+    if found:
+        return PREFIX + f"{found['m']}.{found['rest']}" if found["a"] == adapter_name else None
+    return None
+
+
+def from_peft_key(key: str, adapter_name: str, copies: set[str]) -> str:
+    """peft's file key -> our parameter name. ``copies``: names of our ModulesToSave modules."""
+    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for kind in ("lora_A", "lora_B"):
+        if key.endswith(f".{kind}.weight"):
+            return key[: -len(".weight")] + f".{adapter_name}.weight"
+    for kind in ("lora_embedding_A", "lora_embedding_B"):
+        if key.endswith(f".{kind}"):
+            return f"{key}.{adapter_name}.weight"
+    for module in copies:
+        if key.startswith(module + "."):
+            return f"{module}.modules_to_save.{adapter_name}.{key[len(module) + 1:]}"
+    return key
+
+
+def _bias_keys(model: nn.Module, config: LoraConfig) -> list[str]:
+    if config.bias == "all":
+        # the copies of modules_to_save are saved whole; their biases are not listed twice
+        return [n for n, _ in model.named_parameters() if (n == "bias" or n.endswith(".bias"))
+                and ".modules_to_save." not in n and ".original_module." not in n]
+    if config.bias == "lora_only":
+        names = {n for n, _ in model.named_parameters()}
+        return [f"{name}.base_layer.bias" for name, layer in adapter_layers(model)
+                if f"{name}.base_layer.bias" in names]
+    return []
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's keys (CPU, contiguous, detached copies)."""
+    inner = unwrap(model)
+    config = get_config(inner, adapter_name)
+    params = dict(inner.named_parameters(remove_duplicate=False))
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in params.items():
+        peft_key = to_peft_key(key, adapter_name)
+        if peft_key is not None:
+            out[peft_key] = tensor
+    if isinstance(config, LoraConfig):
+        for key in _bias_keys(inner, config):
+            out[PREFIX + key] = params[key]
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sorted(out.items())}
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _auto_mapping(model: nn.Module) -> dict:
+    return {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+
+
+def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> str:
+    """Write a PEFT directory; a non-default adapter goes to ``path/<adapter_name>`` as peft does.
+
+    Collective-safe: every rank computes the state dict, only rank 0 writes; the weights file is
+    written first and the config last, each atomically, so a directory with a config is complete.
+    Returns the directory written.
+    """
+    inner = unwrap(model)
+    config = get_config(inner, adapter_name)
+    tensors = adapter_state_dict(inner, adapter_name)
+    if not tensors:
+        raise RuntimeError(f"adapter {adapter_name!r} has no tensors to save")
+    out_dir = path if adapter_name == "default" else os.path.join(path, adapter_name)
+    if _rank() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        overrides = {"inference_mode": True}  # what peft records on save
+        if config.task_type is None and config.auto_mapping is None:
+            overrides["auto_mapping"] = _auto_mapping(inner)
+        config.save(out_dir, **overrides)
+    _barrier()
+    return out_dir
+
+
+def _barrier() -> None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def read_adapter_weights(directory: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Tensors of a PEFT directory (safetensors, or .bin read with weights_only=True) and the file."""
+    st_path = os.path.join(directory, WEIGHTS_NAME)
+    bin_path = os.path.join(directory, LEGACY_WEIGHTS_NAME)
+    if os.path.isfile(st_path):
+        try:
+            return load_file(st_path), st_path
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{st_path}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+    if os.path.isfile(bin_path):
+        try:
+            data = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling errors come in many types
+            raise ValueError(f"{bin_path}: not a readable weights-only torch file (truncated, corrupt, "
+                             f"or holding objects other than tensors): {exc}") from exc
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise ValueError(f"{bin_path}: expected a dict of tensors")
+        return data, bin_path
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME} in {directory!r}")
+
+
+def _resolve_dir(path: str, adapter_name: str) -> str:
+    sub = os.path.join(path, adapter_name)
+    if adapter_name != "default" and os.path.isfile(os.path.join(sub, CONFIG_NAME)):
+        return sub
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"adapter directory {path!r} does not exist")
+    return path
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> nn.Module:
+    """Load a PEFT directory into ``model``: inject from its adapter_config.json when the model has
+    no adapter of that name yet, then copy every tensor in, checking keys and shapes."""
+    from ..inject import inject
+
+    directory = _resolve_dir(path, adapter_name)
+    tensors, file = read_adapter_weights(directory)
+    inner = unwrap(model)
+    if adapter_name not in adapter_configs(inner):
+        config = load_config(directory)
+        if isinstance(config, LoraConfig) and config.init_lora_weights == "loftq":
+            # the file holds the trained weights; LoftQ's init would only be overwritten
+            config = dataclasses.replace(config, init_lora_weights=True, loftq_config={})
+        inject(inner, dataclasses.replace(config, inference_mode=False), adapter_name)
+    copies = {name for name, layer in adapter_layers(inner) if hasattr(layer, "original_module")}
+    params = dict(inner.named_parameters(remove_duplicate=False))
+    expected = {to_peft_key(k, adapter_name) for k in params} - {None}
+    seen: set[str] = set()
+    for key, tensor in tensors.items():
+        ours = from_peft_key(key, adapter_name, copies)
+        target = params.get(ours)
+        if target is None and ours.endswith(".weight") and f"{ours[:-7]}.base_layer.weight" in params:
+            target = params[f"{ours[:-7]}.base_layer.weight"]  # peft saved an un-wrapped name
+        if target is None:
+            raise ValueError(f"{file}: key {key!r} matches no parameter of the model "
+                             f"(adapter {adapter_name!r}); is this adapter for another architecture?")
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ValueError(f"{file}: key {key!r} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(target.shape)}")
+        target.data.copy_(tensor.to(target.dtype))
+        seen.add(key)
+    missing = sorted(expected - seen)
+    if missing:
+        raise ValueError(f"{file}: adapter {adapter_name!r} is missing {len(missing)} tensor(s), "
+                         f"e.g. {missing[:3]}")
+    return model
+

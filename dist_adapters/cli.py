@@ -1,0 +1,32 @@
+"""`dist-adapters` entry point. Sub-commands are added as their issues land (train, launch,
+consolidate, inspect); until then the command reports its version and what it offers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dist-adapters",
+        description="Sharded LoRA / trainable-token fine-tuning with PEFT-format checkpoints.",
+    )
+    parser.add_argument("--version", action="version", version=f"dist-adapters {__version__}")
+    parser.add_subparsers(dest="command", metavar="COMMAND")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

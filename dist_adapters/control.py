@@ -1,0 +1,79 @@
+"""Runtime control of injected adapters: find them, switch them, turn them off.
+
+The adapter configs of a model live on the (unwrapped) module itself in ``_da_configs``, so an
+engine wrapper (DDP, DeepSpeedEngine, ...) can be handed to any public function.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from torch import nn
+
+from .layers.lora import AdapterLayer
+from .layers.modules_to_save import ModulesToSave
+
+ADAPTER_LAYER_TYPES: tuple[type, ...] = (AdapterLayer, ModulesToSave)
+
+# Engine wrappers that hold the real model in `.module` and add nothing to its names.
+_WRAPPER_NAMES = {"DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "PipelineEngine"}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / DeepSpeedEngine wrappers."""
+    while type(model).__name__ in _WRAPPER_NAMES and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def register_adapter_layer_type(cls: type) -> None:
+    """Later layer families (quantized, tensor-parallel, trainable tokens) register here."""
+    global ADAPTER_LAYER_TYPES
+    if cls not in ADAPTER_LAYER_TYPES:
+        ADAPTER_LAYER_TYPES = (*ADAPTER_LAYER_TYPES, cls)
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) for every adapter layer, names relative to the unwrapped model."""
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, ADAPTER_LAYER_TYPES):
+            yield name, module
+
+
+def adapter_configs(model: nn.Module) -> dict:
+    return unwrap(model).__dict__.setdefault("_da_configs", {})
+
+
+def get_config(model: nn.Module, adapter_name: str = "default"):
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        known = sorted(configs) or "none; call da.inject or da.load_adapter first"
+        raise KeyError(f"no adapter named {adapter_name!r} on this model (adapters: {known})")
+    return configs[adapter_name]
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    return unwrap(model).__dict__.get("_da_active")
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make ``adapter_name`` the one that runs and trains; the others stay, frozen and idle."""
+    get_config(model, adapter_name)  # raises with the list of names
+    for _, layer in adapter_layers(model):
+        layer.set_adapter([adapter_name])
+    unwrap(model).__dict__["_da_active"] = adapter_name
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Forward without any adapter (merged adapters are unmerged first), restored on exit."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    before = [layer.adapters_disabled for layer in layers]
+    for layer in layers:
+        layer.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.adapters_disabled = was

@@ -1,0 +1,298 @@
+"""Target matching and module surgery: ``da.inject(model, config, adapter_name)``.
+
+Matching follows peft exactly (so the same config adapts the same modules):
+- ``target_modules`` list: a module matches when its name equals an entry or ends with
+  ``"." + entry``; ``layers_to_transform`` / ``layers_pattern`` then filter by layer index.
+- ``target_modules`` str: ``re.fullmatch`` against the module name.
+- ``"all-linear"``: every linear-kind module except the output head, expanded to full names and
+  written back into the config (as peft does, so the saved JSON lists them).
+- ``exclude_modules`` (list: name or suffix; str: fullmatch) and ``modules_to_save`` names are
+  never given LoRA.
+Unlike peft, an entry of ``target_modules`` that matches no module name at all is an error naming
+the entry: a typo would otherwise train fewer layers than asked for, silently.
+
+Which adapter layer wraps which base type is a dispatch table keyed by class (most specific class
+in the MRO wins); quantized and tensor-parallel bases register there instead of editing this file.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from typing import Callable, Optional
+
+from torch import nn
+
+from .config import LoraConfig, TrainableTokensConfig
+from .control import adapter_configs, adapter_layers, unwrap, ADAPTER_LAYER_TYPES
+from .layers.lora import LoraEmbedding, LoraLinear
+from .layers.modules_to_save import ModulesToSave
+
+# base class -> factory(base_module, config) returning an adapter layer with .add_adapter(...)
+LoraFactory = Callable[[nn.Module, LoraConfig], nn.Module]
+_LORA_DISPATCH: dict[type, LoraFactory] = {}
+_LINEAR_KINDS: set[type] = set()
+
+# peft's defaults for target_modules=None, for the architectures tests and users meet most.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "opt": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"], "bloom": ["query_key_value"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"], "gptj": ["q_proj", "v_proj"],
+}
+
+
+def register_lora_layer(base_type: type, factory: LoraFactory, linear: bool = False) -> None:
+    """Map ``base_type`` (and its subclasses, unless more specific ones are registered) to an
+    adapter layer. ``linear=True`` makes the type part of ``"all-linear"``."""
+    _LORA_DISPATCH[base_type] = factory
+    if linear:
+        _LINEAR_KINDS.add(base_type)
+
+
+def _factory_for(module: nn.Module) -> Optional[LoraFactory]:
+    for cls in type(module).__mro__:
+        if cls in _LORA_DISPATCH:
+            return _LORA_DISPATCH[cls]
+    return None
+
+
+def _linear_factory(module: nn.Module, config: LoraConfig) -> nn.Module:
+    if config.fan_in_fan_out:
+        warnings.warn("fan_in_fan_out=True but the target is nn.Linear: using fan_in_fan_out=False")
+        config.fan_in_fan_out = False
+    return LoraLinear(module, fan_in_fan_out=False)
+
+
+def _conv1d_factory(module: nn.Module, config: LoraConfig) -> nn.Module:
+    if not config.fan_in_fan_out:
+        warnings.warn("target is transformers Conv1D (weight [in, out]): using fan_in_fan_out=True")
+        config.fan_in_fan_out = True
+    return LoraLinear(module, fan_in_fan_out=True)
+
+
+register_lora_layer(nn.Linear, _linear_factory, linear=True)
+register_lora_layer(nn.Embedding, lambda module, config: LoraEmbedding(module))
+try:  # transformers is a core dependency; guard anyway so a broken install names the cause
+    from transformers.pytorch_utils import Conv1D
+
+    register_lora_layer(Conv1D, _conv1d_factory, linear=True)
+except ImportError:  # pragma: no cover
+    pass
+
+
+# ----------------------------------------------------------------------------- matching
+
+def get_pattern_key(pattern_keys, name: str) -> str:
+    """The rank_pattern / alpha_pattern key matching ``name`` (full name or dotted suffix)."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return name
+
+
+def _suffix_match(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def _layer_index_ok(config: LoraConfig, name: str) -> bool:
+    wanted = config.layers_to_transform
+    if wanted is None or (isinstance(wanted, list) and not wanted):
+        return True
+    patterns = config.layers_pattern
+    if not patterns:
+        found = re.match(r".*\.[^.]*\.(\d+)\.", name)
+    else:
+        found = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            found = re.match(rf".*\.{pattern}\.(\d+)\.", name)
+            if found:
+                break
+    if found is None:
+        return False
+    index = int(found.group(1))
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def _is_excluded(config: LoraConfig, name: str) -> bool:
+    excl = config.exclude_modules
+    if excl:
+        if isinstance(excl, str):
+            if re.fullmatch(excl, name):
+                return True
+        elif any(_suffix_match(name, e) for e in excl):
+            return True
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save or [])
+
+
+def is_target(config: LoraConfig, name: str) -> bool:
+    if _is_excluded(config, name):
+        return False
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
+    return any(name.endswith("." + t) for t in targets) and _layer_index_ok(config, name)
+
+
+def _sample(names: list[str], k: int = 8) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+    return ", ".join(leaves[:k]) + (", ..." if len(leaves) > k else "")
+
+
+def _output_head_name(model: nn.Module) -> Optional[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def resolve_target_modules(model: nn.Module, config: LoraConfig, names: list[str]) -> None:
+    """Fill in None / "all-linear" the way peft does, and check that every entry matches."""
+    if config.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"LoraConfig.target_modules is None and model type {model_type!r} has no default; "
+                f"set target_modules (e.g. 'all-linear'); some module names: {_sample(names)}"
+            )
+        config.target_modules = list(DEFAULT_TARGETS[model_type])
+    if config.target_modules == "all-linear":
+        head = _output_head_name(model)
+        kinds = tuple(_LINEAR_KINDS)
+        config.target_modules = sorted(
+            n for n, m in model.named_modules() if n and n != head and isinstance(m, kinds)
+        )
+        if not config.target_modules:
+            raise ValueError(f"target_modules='all-linear' found no linear layer in {type(model).__name__}")
+        return
+    if isinstance(config.target_modules, str):
+        if not any(re.fullmatch(config.target_modules, n) for n in names):
+            raise ValueError(
+                f"target_modules regex {config.target_modules!r} matches no module name (full match) in "
+                f"{type(model).__name__}; some module names: {_sample(names)}"
+            )
+        return
+    for entry in config.target_modules:
+        if not any(_suffix_match(n, entry) for n in names):
+            raise ValueError(
+                f"target_modules entry {entry!r} matches no module in {type(model).__name__}; "
+                f"some module names: {_sample(names)}"
+            )
+
+
+# ----------------------------------------------------------------------------- surgery
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _candidate_names(model: nn.Module) -> list[str]:
+    """Module names, skipping everything inside an existing adapter layer (never nest adapters)."""
+    inner: list[str] = [n + "." for n, _ in adapter_layers(model)]
+    return [n for n, _ in model.named_modules(remove_duplicate=False)
+            if n and not any(n.startswith(p) for p in inner)]
+
+
+def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> int:
+    names = _candidate_names(model)
+    resolve_target_modules(model, config, names)
+    adapted = 0
+    for name in list(dict.fromkeys(names)):
+        if not is_target(config, name):
+            continue
+        module = model.get_submodule(name)
+        if isinstance(module, ADAPTER_LAYER_TYPES):
+            layer = module  # a second adapter on an already adapted layer
+        else:
+            factory = _factory_for(module)
+            if factory is None:
+                supported = ", ".join(sorted(c.__name__ for c in _LORA_DISPATCH))
+                raise ValueError(
+                    f"target module {name!r} is a {type(module).__name__}, which LoRA does not support "
+                    f"(supported: {supported}); narrow target_modules"
+                )
+            layer = factory(module, config)
+            _replace(model, name, layer)
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern, name), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern, name), config.lora_alpha)
+        layer.add_adapter(adapter_name, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                          use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
+        adapted += 1
+    if adapted == 0:
+        raise ValueError(
+            f"no module of {type(model).__name__} was adapted: target_modules={config.target_modules!r} "
+            f"matched only excluded modules or layers outside layers_to_transform={config.layers_to_transform!r}"
+        )
+    return adapted
+
+
+def _inject_modules_to_save(model: nn.Module, entries: list[str], adapter_name: str) -> None:
+    names = _candidate_names(model)
+    for entry in entries:
+        # peft's rule: the module name ends with the entry (no dot boundary), first wrapper wins.
+        hits = [n for n in dict.fromkeys(names) if n.endswith(entry)]
+        if not hits:
+            raise ValueError(
+                f"modules_to_save entry {entry!r} matches no module in {type(model).__name__}; "
+                f"some module names: {_sample(names)}"
+            )
+        for name in hits:
+            module = model.get_submodule(name)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                _replace(model, name, module)
+            if adapter_name not in module.adapter_names():
+                module.add_adapter(adapter_name)
+
+
+def _mark_trainable(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    active = model.__dict__.get("_da_active") or adapter_name
+    model.__dict__["_da_active"] = active
+    for _, layer in adapter_layers(model):
+        layer.set_adapter([active])
+    if config.bias == "all":
+        for n, p in model.named_parameters():
+            if n == "bias" or n.endswith(".bias"):
+                p.requires_grad_(True)
+    elif config.bias == "lora_only":
+        for _, layer in adapter_layers(model):
+            bias = getattr(getattr(layer, "base_layer", None), "bias", None)
+            if isinstance(layer, (LoraLinear, LoraEmbedding)) and bias is not None:
+                bias.requires_grad_(True)
+
+
+def inject(model: nn.Module, config, adapter_name: str = "default") -> nn.Module:
+    """Swap adapter layers into ``model`` in place, freeze the base, return ``model``.
+
+    The first adapter injected is active (runs and trains); later ones are added frozen and idle
+    until ``da.set_adapter``. ``config`` is stored on the model (``da.save_adapter`` writes it).
+    """
+    inner = unwrap(model)
+    configs = adapter_configs(inner)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists on this model; pick another adapter_name")
+    if isinstance(config, TrainableTokensConfig) or (
+        isinstance(config, LoraConfig) and config.trainable_token_indices is not None
+    ):
+        raise NotImplementedError("trainable tokens are not implemented yet in dist_adapters (issue 4)")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a da.LoraConfig or da.TrainableTokensConfig, got {type(config).__name__}")
+    if config.init_lora_weights == "loftq":
+        raise NotImplementedError("init_lora_weights='loftq' is not implemented yet in dist_adapters (issue 8)")
+    config = copy.deepcopy(config)  # resolved below (all-linear, fan_in_fan_out); the caller's stays as given
+    _inject_lora(inner, config, adapter_name)
+    if config.modules_to_save:
+        _inject_modules_to_save(inner, list(config.modules_to_save), adapter_name)
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(getattr(inner, "config", None), "_name_or_path", None) or None
+    configs[adapter_name] = config
+    _mark_trainable(inner, config, adapter_name)
+    return model

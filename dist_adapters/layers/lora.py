@@ -1,0 +1,244 @@
+"""LoRA for nn.Linear, transformers' Conv1D (fan_in_fan_out) and nn.Embedding.
+
+    y = base(x) + sum over active adapters of  B(A(dropout(x)) * scaling)
+
+Shard rule 1 (DESIGN.md): every trainable tensor lives in its own leaf module (``LoraFactor``,
+``EmbeddingFactor``) and is read only inside that module's ``forward``. The parent layers call
+the leaves; they never touch ``lora_A.weight`` in forward. FSDP1 flat parameters, FSDP2 DTensors
+and ZeRO-3 partitions all rely on this: the engine gathers a leaf's weight around the leaf's own
+forward. Merge reads the weights directly, but only inside the engine's gather context
+(``dist_adapters.parallel.gather``, rule 3).
+
+Module and parameter names follow peft's in-memory layout (``base_layer``, ``lora_A.<adapter>``,
+``lora_embedding_A.<adapter>``) so the mapping to peft's checkpoint keys stays a one-liner per
+kind (``checkpoint/peft_format.py``).
+
+The scaling is applied to the rank-r activation before ``lora_B`` rather than to the full
+output: the same product, but an elementwise op over r columns instead of out_features.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Adapters train in fp32 over bf16/fp16/quantized bases (as peft's autocast_adapter_dtype).
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoraFactor(nn.Linear):
+    """One LoRA factor (A: in -> r, or B: r -> out). Casts its input to its own dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight)
+
+
+class EmbeddingFactor(nn.Module):
+    """lora_embedding_A: weight [r, num_embeddings] (peft's layout); looks up columns by token id."""
+
+    def __init__(self, r: int, num_embeddings: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(r, num_embeddings, device=device, dtype=dtype))
+
+    def forward(self, ids: torch.Tensor, padding_idx=None, max_norm=None, norm_type=2.0,
+                scale_grad_by_freq=False, sparse=False) -> torch.Tensor:
+        return F.embedding(ids, self.weight.T, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+
+
+class AdapterLayer(nn.Module):
+    """Bookkeeping shared by adapter layers: which adapters exist, are active, are merged."""
+
+    adapter_module_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.adapters_disabled = False
+
+    def adapter_names(self) -> list[str]:
+        return list(getattr(self, self.adapter_module_names[0]).keys())
+
+    def adapter_parameters(self, name: str) -> Iterable[nn.Parameter]:
+        for attr in self.adapter_module_names:
+            container = getattr(self, attr)
+            if name in container:
+                yield from container[name].parameters()
+
+    def set_adapter(self, names: list[str]) -> None:
+        """Activate ``names`` (existing ones): their parameters train, the others are frozen."""
+        for name in self.adapter_names():
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(name in names)
+        self.active_adapters = [n for n in names if n in self.adapter_names()]
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge before deleting it")
+        for attr in (*self.adapter_module_names, "lora_dropout"):
+            container = getattr(self, attr, None)
+            if container is not None and name in container:
+                del container[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, names: Optional[list[str]] = None) -> None:
+        """Add the deltas of ``names`` (default: the active adapters) into the base weight."""
+        weight = self.base_layer.weight
+        for name in names if names is not None else self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            delta = self.delta_weight(name)
+            weight.data.copy_((weight.data.to(delta.dtype) + delta).to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            delta = self.delta_weight(self.merged_adapters.pop())
+            weight.data.copy_((weight.data.to(delta.dtype) - delta).to(weight.dtype))
+
+    def unloaded(self, merge: bool) -> nn.Module:
+        """The plain module that replaces this layer on unload."""
+        if merge:
+            self.merge()
+        elif self.merged_adapters:
+            self.unmerge()
+        return self.base_layer
+
+    def _adapters_to_run(self) -> list[str]:
+        if self.adapters_disabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+
+class LoraLinear(AdapterLayer):
+    """LoRA over ``nn.Linear`` (weight [out, in]) or transformers ``Conv1D`` (weight [in, out],
+    ``fan_in_fan_out=True``). lora_A: [r, in], lora_B: [out, r] in both cases, as peft."""
+
+    adapter_module_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        weight = base_layer.weight
+        shape = tuple(getattr(weight, "ds_shape", weight.shape))  # ZeRO-3 keeps the real shape here
+        self.in_features, self.out_features = shape if fan_in_fan_out else shape[::-1]
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights=True) -> None:
+        weight = self.base_layer.weight
+        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        self.lora_A[name] = LoraFactor(self.in_features, r, bias=False, **kw)
+        self.lora_B[name] = LoraFactor(r, self.out_features, bias=False, **kw)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[name] = r
+        self.scaling[name] = lora_scaling(r, lora_alpha, use_rslora)
+        self.reset_adapter(name, init_lora_weights)
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str, init_lora_weights) -> None:
+        """True: kaiming-uniform A, zero B (a no-op); "gaussian": N(0, 1/r) A, zero B;
+        False: nn.Linear's random init for both (not a no-op, for tests)."""
+        if init_lora_weights is False:
+            return
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._adapters_to_run():
+            h = self.lora_A[name](self.lora_dropout[name](x)) * self.scaling[name]
+            result = result + self.lora_B[name](h).to(result.dtype)
+        return result
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """B @ A * scaling, in the base weight's layout ([out, in], or [in, out] for Conv1D), fp32."""
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        delta = (b @ a) * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+class LoraEmbedding(AdapterLayer):
+    """LoRA over ``nn.Embedding``: lora_embedding_A [r, num_embeddings], lora_embedding_B [dim, r]."""
+
+    adapter_module_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        weight = base_layer.weight
+        self.num_embeddings, self.embedding_dim = tuple(getattr(weight, "ds_shape", weight.shape))
+        self.lora_embedding_A = nn.ModuleDict()
+        self.lora_embedding_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights=True) -> None:
+        # peft applies no dropout to embedding LoRA; lora_dropout is accepted and ignored likewise.
+        weight = self.base_layer.weight
+        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        self.lora_embedding_A[name] = EmbeddingFactor(r, self.num_embeddings, **kw)
+        self.lora_embedding_B[name] = LoraFactor(r, self.embedding_dim, bias=False, **kw)
+        self.r[name] = r
+        self.scaling[name] = lora_scaling(r, lora_alpha, use_rslora)
+        self.reset_adapter(name, init_lora_weights)
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str, init_lora_weights) -> None:
+        """True / "gaussian": zero A, N(0, 1) B (a no-op); False: N(0, 1) for both."""
+        nn.init.normal_(self.lora_embedding_B[name].weight)
+        if init_lora_weights is False:
+            nn.init.normal_(self.lora_embedding_A[name].weight)
+        else:
+            nn.init.zeros_(self.lora_embedding_A[name].weight)
+
+    def _embedding_kwargs(self) -> dict:
+        base = self.base_layer
+        return {"padding_idx": base.padding_idx, "max_norm": base.max_norm, "norm_type": base.norm_type,
+                "scale_grad_by_freq": base.scale_grad_by_freq, "sparse": base.sparse}
+
+    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(ids, *args, **kwargs)
+        for name in self._adapters_to_run():
+            h = self.lora_embedding_A[name](ids, **self._embedding_kwargs()) * self.scaling[name]
+            result = result + self.lora_embedding_B[name](h).to(result.dtype)
+        return result
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """(B @ A).T * scaling: [num_embeddings, dim], fp32."""
+        a = self.lora_embedding_A[name].weight.float()
+        b = self.lora_embedding_B[name].weight.float()
+        return (b @ a).T * self.scaling[name]
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, dim={self.embedding_dim}, r={self.r}"
