@@ -171,8 +171,9 @@ class LoraLinear(AdapterLayer):
         nn.init.zeros_(self.lora_B[name].weight)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        run = self._adapters_to_run()  # first: it may unmerge before the base runs
         result = self.base_layer(x, *args, **kwargs)
-        for name in self._adapters_to_run():
+        for name in run:
             h = self.lora_A[name](self.lora_dropout[name](x)) * self.scaling[name]
             result = result + self.lora_B[name](h).to(result.dtype)
         return result
@@ -228,8 +229,9 @@ class LoraEmbedding(AdapterLayer):
                 "scale_grad_by_freq": base.scale_grad_by_freq, "sparse": base.sparse}
 
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        run = self._adapters_to_run()
         result = self.base_layer(ids, *args, **kwargs)
-        for name in self._adapters_to_run():
+        for name in run:
             h = self.lora_embedding_A[name](ids, **self._embedding_kwargs()) * self.scaling[name]
             result = result + self.lora_embedding_B[name](h).to(result.dtype)
         return result

@@ -1,0 +1,102 @@
+"""merge / unmerge / unload / disabled / set_adapter on plain models."""
+
+import pytest
+import torch
+from torch import nn
+
+import dist_adapters as da
+from dist_adapters.layers.lora import LoraEmbedding, LoraLinear
+from dist_adapters.layers.modules_to_save import ModulesToSave
+from helpers import MODELS, logits, max_diff, randomize_trainable
+
+CONFIGS = {
+    "llama": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                  modules_to_save=["lm_head"]),
+    "gpt2": dict(r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear"),
+}
+
+
+def _adapted(arch):
+    model = da.inject(MODELS[arch](), da.LoraConfig(**CONFIGS[arch]))
+    randomize_trainable(model)
+    return model
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_merge_keeps_logits_and_unmerge_restores_weights(arch):
+    model = _adapted(arch)
+    before = logits(model)
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    da.merge(model)
+    changed = [n for n, p in model.named_parameters() if n in base_weights and not torch.equal(p, base_weights[n])]
+    assert changed, "merge must write into the base weights"
+    assert max_diff(logits(model), before) <= 1e-5
+    da.unmerge(model)
+    for n, p in model.named_parameters():
+        if n in base_weights:
+            assert max_diff(p, base_weights[n]) <= 1e-6, n
+    assert max_diff(logits(model), before) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_unload_merge_leaves_plain_modules_with_same_logits(arch):
+    model = _adapted(arch)
+    before = logits(model)
+    plain = da.unload(model, merge=True)
+    kinds = {type(m) for m in plain.modules()}
+    assert not kinds & {LoraLinear, LoraEmbedding, ModulesToSave}
+    assert not any(".lora_" in n or "base_layer" in n for n, _ in plain.named_parameters())
+    assert max_diff(logits(plain), before) <= 1e-5
+
+
+def test_unload_without_merge_gives_the_base_model_back():
+    base = logits(MODELS["llama"]())
+    plain = da.unload(_adapted("llama"), merge=False)
+    assert isinstance(plain.model.layers[0].self_attn.q_proj, nn.Linear)
+    assert max_diff(logits(plain), base) <= 1e-6
+
+
+def test_disabled_runs_the_base_model_even_when_merged():
+    model = _adapted("llama")
+    base = logits(MODELS["llama"]())
+    adapted = logits(model)
+    with da.disabled(model):
+        assert max_diff(logits(model), base) <= 1e-6
+    assert max_diff(logits(model), adapted) <= 1e-6
+    da.merge(model)
+    with da.disabled(model):  # unmerges on the way, as peft does
+        assert max_diff(logits(model), base) <= 1e-5
+    assert max_diff(logits(model), adapted) <= 1e-5
+
+
+def test_several_named_adapters_and_set_adapter():
+    model = da.inject(MODELS["llama"](), da.LoraConfig(r=4, target_modules=["q_proj"]))
+    da.inject(model, da.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter_name="b")
+    randomize_trainable(model, seed=1)
+    da.set_adapter(model, "b")
+    randomize_trainable(model, seed=2)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert set(layer.adapter_names()) == {"default", "b"}
+    # only the active adapter trains
+    assert all(p.requires_grad for p in layer.lora_A["b"].parameters())
+    assert not any(p.requires_grad for p in layer.lora_A["default"].parameters())
+    out_b = logits(model)
+    da.set_adapter(model, "default")
+    out_default = logits(model)
+    assert max_diff(out_b, out_default) > 1e-3
+    da.set_adapter(model, "b")
+    assert max_diff(logits(model), out_b) <= 1e-6
+    with pytest.raises(KeyError, match="no adapter named 'c'.*'b', 'default'"):
+        da.set_adapter(model, "c")
+
+
+def test_merge_of_bf16_base_stays_bf16():
+    model = MODELS["llama"]().to(torch.bfloat16)
+    da.inject(model, da.LoraConfig(r=4, target_modules=["q_proj"]))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # adapters train in fp32
+    randomize_trainable(model)
+    before = logits(model).float()
+    da.merge(model)
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert max_diff(logits(model).float(), before) < 0.1

@@ -1,0 +1,112 @@
+"""Interop with real peft, both ways: same logits (1e-5) and the same trainable parameter count."""
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+
+import dist_adapters as da
+from helpers import MODELS, logits, max_diff, randomize_trainable, trainable_count
+
+CASES = {
+    "llama-list": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+    "llama-regex": ("llama", dict(r=4, lora_alpha=16, target_modules=r".*\.(q|k)_proj")),
+    "llama-all-linear": ("llama", dict(r=2, lora_alpha=4, target_modules="all-linear")),
+    "llama-exclude": ("llama", dict(r=4, target_modules="all-linear", exclude_modules=["down_proj", "o_proj"])),
+    "llama-exclude-regex": ("llama", dict(r=4, target_modules=["q_proj", "k_proj"],
+                                          exclude_modules=r"model\.layers\.0\..*")),
+    "llama-rslora": ("llama", dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "up_proj"])),
+    "llama-patterns": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                     rank_pattern={"q_proj": 2, "layers.1.mlp.up_proj": 6},
+                                     alpha_pattern={"v_proj": 3, "model.layers.2.self_attn.q_proj": 5})),
+    "llama-modules-to-save": ("llama", dict(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    "llama-embedding": ("llama", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
+    "llama-layers-to-transform": ("llama", dict(r=4, target_modules=["q_proj", "v_proj"],
+                                                layers_to_transform=[0, 2], layers_pattern="layers")),
+    "llama-layer-int": ("llama", dict(r=4, target_modules=["gate_proj"], layers_to_transform=1)),
+    "llama-dropout": ("llama", dict(r=4, lora_dropout=0.1, target_modules=["k_proj"])),
+    "gpt2-all-linear": ("gpt2", dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    "gpt2-conv1d-bias-all": ("gpt2", dict(r=4, target_modules=["c_attn"], bias="all")),
+    "gpt2-bias-lora-only": ("gpt2", dict(r=4, target_modules=["c_attn", "c_fc"], bias="lora_only")),
+    "gpt2-embedding": ("gpt2", dict(r=4, target_modules=["wte", "c_proj"])),
+    "gpt2-default-targets": ("gpt2", dict(r=4)),
+}
+
+
+@pytest.fixture(params=sorted(CASES), ids=sorted(CASES))
+def case(request):
+    return CASES[request.param]
+
+
+def test_ours_saved_loads_in_peft(case, tmp_path):
+    arch, kwargs = case
+    ours = da.inject(MODELS[arch](), da.LoraConfig(**kwargs))
+    randomize_trainable(ours)
+    expected = logits(ours)
+    da.save_adapter(ours, str(tmp_path))
+    theirs = PeftModel.from_pretrained(MODELS[arch](), str(tmp_path))
+    assert max_diff(logits(theirs), expected) <= 1e-5
+    assert max_diff(logits(theirs), logits(MODELS[arch]())) > 1e-3  # the adapter really changes the output
+
+
+def test_peft_saved_loads_in_ours(case, tmp_path):
+    arch, kwargs = case
+    theirs = get_peft_model(MODELS[arch](), PeftLoraConfig(**kwargs))
+    randomize_trainable(theirs, seed=7)
+    theirs.save_pretrained(str(tmp_path))
+    ours = da.load_adapter(MODELS[arch](), str(tmp_path))
+    assert max_diff(logits(ours), logits(theirs)) <= 1e-5
+    assert max_diff(logits(ours), logits(MODELS[arch]())) > 1e-3
+
+
+def test_trainable_parameter_count_equals_peft(case):
+    arch, kwargs = case
+    ours = da.inject(MODELS[arch](), da.LoraConfig(**kwargs))
+    theirs = get_peft_model(MODELS[arch](), PeftLoraConfig(**kwargs))
+    assert trainable_count(ours) == trainable_count(theirs) > 0
+    # and exactly peft's keys (embedding base weights aside, which peft adds on save only)
+    peft_keys = get_peft_model_state_dict(theirs, save_embedding_layers=False)
+    assert sorted(da.adapter_state_dict(ours)) == sorted(peft_keys)
+
+
+def test_non_default_adapter_saved_in_subfolder_as_peft(tmp_path):
+    ours = da.inject(MODELS["llama"](), da.LoraConfig(r=4, target_modules=["q_proj"]))
+    da.inject(ours, da.LoraConfig(r=2, target_modules=["v_proj"]), adapter_name="other")
+    da.set_adapter(ours, "other")
+    randomize_trainable(ours)
+    expected = logits(ours)
+    out = da.save_adapter(ours, str(tmp_path), adapter_name="other")
+    assert out == str(tmp_path / "other") and (tmp_path / "other" / "adapter_model.safetensors").is_file()
+    theirs = PeftModel.from_pretrained(MODELS["llama"](), str(tmp_path / "other"), adapter_name="other")
+    assert max_diff(logits(theirs), expected) <= 1e-5
+    # and peft's own subfolder layout reads back into ours by adapter name
+    theirs.save_pretrained(str(tmp_path / "peft"), selected_adapters=["other"])
+    assert (tmp_path / "peft" / "other" / "adapter_config.json").is_file()
+    back = da.load_adapter(MODELS["llama"](), str(tmp_path / "peft"), adapter_name="other")
+    da.set_adapter(back, "other")
+    assert max_diff(logits(back), expected) <= 1e-5
+
+
+def test_adapter_model_bin_read_with_weights_only(tmp_path):
+    theirs = get_peft_model(MODELS["llama"](), PeftLoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_trainable(theirs)
+    theirs.save_pretrained(str(tmp_path), safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file()
+    ours = da.load_adapter(MODELS["llama"](), str(tmp_path))
+    assert max_diff(logits(ours), logits(theirs)) <= 1e-5
+
+
+def test_trained_adapter_roundtrip_through_peft_after_training(tmp_path):
+    """A few real optimizer steps (not only random weights): peft reproduces the trained model."""
+    model = da.inject(MODELS["llama"](), da.LoraConfig(r=4, target_modules="all-linear"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    da.save_adapter(model, str(tmp_path))
+    theirs = PeftModel.from_pretrained(MODELS["llama"](), str(tmp_path))
+    assert max_diff(logits(theirs), logits(model)) <= 1e-5
