@@ -37,7 +37,7 @@ install: $(VENV)/.install-stamp
 install-test: $(VENV)/.test-stamp
 
 demo: $(VENV)/.install-stamp
-	$(PY) examples/lora_quickstart.py --output-dir runs/demo
+	$(VENV)/bin/dist-adapters train configs/demo.yaml
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: $(VENV)/.test-stamp

@@ -1,0 +1,72 @@
+"""What the recipe needs from a parallel strategy, and the single-process strategy itself.
+
+An ``Engine`` owns the model as the strategy wraps it and the optimizer, and knows how to run a
+backward pass (with gradient accumulation), take a step, and save or restore the optimizer in a
+training checkpoint. Each strategy is one function in this package, ``setup_<name>(model,
+make_optimizer, dist) -> Engine``, listed in the recipe's strategy table; the training loop
+never asks which strategy it runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Iterable
+
+import torch
+from torch import nn
+
+MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class Engine:
+    """Single process: forward, backward, clip, step. Subclasses change what differs."""
+
+    def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer, dist) -> None:
+        self.dist = dist
+        self.model = model
+        self.optimizer = make_optimizer(self.trainable_parameters())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def accumulating(self, last_micro_step: bool) -> ContextManager:
+        """Context for one micro step's forward+backward; gradient sync may be skipped until the last."""
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def grad_norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+    def step(self, max_grad_norm: float | None) -> float:
+        """Clip to ``max_grad_norm`` (if set), step, zero the gradients; returns the norm before clipping."""
+        norm = self.grad_norm()
+        if max_grad_norm and math.isfinite(norm.item()) and norm.item() > max_grad_norm:
+            scale = max_grad_norm / (norm.item() + 1e-6)
+            for p in self.trainable_parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.item()
+
+    def save_optimizer(self, directory: str) -> None:
+        """Called on every rank; this engine's state is replicated, so rank 0 writes it."""
+        if self.dist.is_main:
+            torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+
+    def load_optimizer(self, directory: str) -> None:
+        path = os.path.join(directory, "optimizer.pt")
+        state = torch.load(path, map_location=self.dist.device, weights_only=True)
+        self.optimizer.load_state_dict(state)
+
+
+def setup_none(model: nn.Module, make_optimizer: MakeOptimizer, dist) -> Engine:
+    """Strategy ``none``: one process, the model as it is."""
+    return Engine(model.to(dist.device), make_optimizer, dist)

@@ -1,0 +1,79 @@
+"""The embedded default: a tiny Llama built from a config, a byte-level tokenizer with a few
+special tokens, and a structured synthetic data set shipped in the package. No downloads.
+
+The model (2 layers, width 128, about 0.5 M parameters) is deterministic from the seed. Its
+weights are drawn with initializer_range 0.1 rather than Llama's 0.02: at 0.02 a small random
+model's logits stay near +-1 whatever the adapter does, so the loss could barely fall.
+
+The data set (``data/builtin.jsonl``) is a reversal task written with the special tokens:
+``<|bos|>abcde<|sep|>edcba<|eos|>``. Its format is learnable in a few steps and the reversal
+itself takes longer, so the loss curve shows both.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|sep|>"]
+DATA_FILE = os.path.join(os.path.dirname(__file__), "data", "builtin.jsonl")
+ALPHABET = "abcdefghij"
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's byte -> printable unicode map: 256 symbols, one per byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(keep, chars))]
+
+
+def builtin_tokenizer():
+    """A transformers fast tokenizer: one token per byte (no merges) plus SPECIAL_TOKENS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
+                                   eos_token="<|eos|>", additional_special_tokens=["<|sep|>"])
+    return fast
+
+
+def builtin_model(seed: int, tokenizer, dtype: torch.dtype = torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.1, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.config.name_or_path = "dist_adapters/builtin-tiny-llama"
+    return model
+
+
+def make_builtin_dataset(path: str = DATA_FILE, n: int = 4096, seed: int = 1234) -> None:
+    """Regenerate the shipped data file (deterministic). Run: python -m dist_adapters.recipe.builtin"""
+    import json
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for _ in range(n):
+            word = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(3, 10)))
+            fh.write(json.dumps({"text": f"<|bos|>{word}<|sep|>{word[::-1]}<|eos|>"}) + "\n")
+
+
+if __name__ == "__main__":
+    make_builtin_dataset()
+    print(f"wrote {DATA_FILE}")

@@ -1,0 +1,71 @@
+"""Training checkpoints: ``OUTPUT/checkpoints/step_N/``.
+
+    adapter/              the PEFT directory at step N (loads in peft as it is)
+    optimizer.pt          optimizer state (tensors and numbers only; read with weights_only=True)
+    rng_rank{r}.pt        each rank's torch RNG state (dropout masks continue exactly on resume)
+    trainer_state.json    step, seed, world size, global batch: the data position is the step
+
+Every rank enters (shard rule 4). The directory is assembled under ``.step_N.partial`` and renamed
+to ``step_N`` only when complete, with ``trainer_state.json`` written last, so an interrupted
+write never becomes the checkpoint a resume picks up and the previous one stays loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from ..checkpoint.atomic import atomic_write_text
+from ..checkpoint.peft_format import load_adapter, save_adapter
+from .config import RecipeError
+
+STATE_NAME = "trainer_state.json"
+
+
+def _barrier(dist) -> None:
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+
+
+def save_checkpoint(root: str, step: int, engine, dist, meta: dict) -> str:
+    final = os.path.join(root, f"step_{step}")
+    partial = os.path.join(root, f".step_{step}.partial")
+    if dist.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    _barrier(dist)
+    save_adapter(engine.model, os.path.join(partial, "adapter"))
+    engine.save_optimizer(partial)
+    torch.save(torch.get_rng_state(), os.path.join(partial, f"rng_rank{dist.rank}.pt"))
+    _barrier(dist)
+    if dist.is_main:
+        atomic_write_text(os.path.join(partial, STATE_NAME),
+                          json.dumps({"step": step, "world_size": dist.world_size, **meta}, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+    _barrier(dist)
+    return final
+
+
+def read_state(directory: str) -> dict:
+    path = os.path.join(directory, STATE_NAME)
+    if not os.path.isdir(directory):
+        raise RecipeError(f"train.resume_from {directory!r} does not exist")
+    if not os.path.isfile(path):
+        raise RecipeError(f"train.resume_from {directory!r} is not a complete checkpoint (no {STATE_NAME})")
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def load_checkpoint(directory: str, engine, dist) -> dict:
+    """Restore adapter, optimizer and (same world size) RNG; returns the trainer state."""
+    state = read_state(directory)
+    load_adapter(engine.model, os.path.join(directory, "adapter"))
+    engine.load_optimizer(directory)
+    rng = os.path.join(directory, f"rng_rank{dist.rank}.pt")
+    if state.get("world_size") == dist.world_size and os.path.isfile(rng):
+        torch.set_rng_state(torch.load(rng, weights_only=True))
+    return state

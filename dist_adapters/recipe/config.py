@@ -1,0 +1,148 @@
+"""The recipe configuration: YAML sections, ``--set a.b=value`` overrides, validation.
+
+Every key the recipe reads is listed in ``DEFAULTS``; a key in the file or in ``--set`` that is
+not there is an error naming it (a typo must never silently fall back to a default). The
+``adapter`` section holds LoraConfig fields (peft's names), or ``peft_type: TRAINABLE_TOKENS``
+with TrainableTokensConfig fields, and is checked by building that config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any
+
+import yaml
+
+from ..config import LoraConfig, TrainableTokensConfig
+
+
+class RecipeError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"path": None, "dtype": "float32", "quantization": None},
+    "adapter": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+    "data": {"path": None, "seq_len": 64},
+    "train": {
+        "steps": 30, "global_batch_size": 8, "micro_batch_size": 4, "lr": 1.0e-3, "seed": 0,
+        "checkpoint_every": 10, "resume_from": None, "output_dir": "runs/demo",
+        "weight_decay": 0.0, "warmup_steps": 0, "lr_schedule": "constant", "max_grad_norm": 1.0,
+    },
+    "parallel": {"strategy": "none", "tp_size": 1, "use_orig_params": False, "deepspeed_config": None},
+    "launch": {"launcher": "torchrun", "nproc_per_node": 1, "nnodes": 1, "timeout_minutes": 30},
+}
+
+STRATEGIES = ("none", "ddp", "fsdp1", "fsdp2", "zero1", "zero2", "zero3", "tp", "fsdp2_tp")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("constant", "cosine")
+
+
+def _merge(base: dict, override: dict, source: str) -> None:
+    for section, values in override.items():
+        if section not in DEFAULTS:
+            raise RecipeError(f"unknown section '{section}' in {source} (sections: {', '.join(DEFAULTS)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise RecipeError(f"section '{section}' in {source} must be a mapping, got {type(values).__name__}")
+        if section == "adapter":
+            base["adapter"] = dict(values)  # a given adapter section replaces the default whole
+            continue
+        for key, value in values.items():
+            if key not in DEFAULTS[section]:
+                raise RecipeError(f"unknown key '{section}.{key}' in {source} "
+                                  f"(keys of '{section}': {', '.join(DEFAULTS[section])})")
+            base[section][key] = value
+
+
+def apply_override(cfg: dict, assignment: str) -> None:
+    """``a.b=value`` with value parsed as YAML (numbers, booleans, null, lists)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or "." not in key:
+        raise RecipeError(f"--set expects section.key=value, got {assignment!r}")
+    section, _, name = key.partition(".")
+    if section not in DEFAULTS:
+        raise RecipeError(f"unknown section '{section}' in --set {assignment}")
+    if section != "adapter" and name not in DEFAULTS[section]:
+        raise RecipeError(f"unknown key '{key}' in --set (keys of '{section}': {', '.join(DEFAULTS[section])})")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
+    cfg[section][name] = value
+
+
+def load_recipe(path: str, overrides: list[str] = ()) -> dict:
+    if not os.path.isfile(path):
+        raise RecipeError(f"config file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    cfg = copy.deepcopy(DEFAULTS)
+    _merge(cfg, data, path)
+    for assignment in overrides:
+        apply_override(cfg, assignment)
+    validate(cfg, path)
+    return cfg
+
+
+def _positive_int(cfg: dict, key: str, source: str, minimum: int = 1) -> int:
+    section, name = key.split(".")
+    value = cfg[section][name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RecipeError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def adapter_config(cfg: dict):
+    """The LoraConfig / TrainableTokensConfig the ``adapter`` section describes."""
+    section = dict(cfg["adapter"])
+    cls = TrainableTokensConfig if section.pop("peft_type", "LORA") == "TRAINABLE_TOKENS" else LoraConfig
+    fields = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    for key in section:
+        if key not in fields:
+            raise RecipeError(f"unknown key 'adapter.{key}' (not a {cls.__name__} field)")
+    try:
+        return cls(**section)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"adapter: {exc}") from None
+
+
+def validate(cfg: dict, source: str) -> None:
+    train, par, launch = cfg["train"], cfg["parallel"], cfg["launch"]
+    if par["strategy"] not in STRATEGIES:
+        raise RecipeError(f"{source}: unknown parallel.strategy {par['strategy']!r} (one of: {', '.join(STRATEGIES)})")
+    if cfg["model"]["dtype"] not in DTYPES:
+        raise RecipeError(f"{source}: model.dtype must be one of {', '.join(DTYPES)}, got {cfg['model']['dtype']!r}")
+    if train["lr_schedule"] not in SCHEDULES:
+        raise RecipeError(f"{source}: train.lr_schedule must be one of {', '.join(SCHEDULES)}")
+    for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "train.checkpoint_every",
+                "data.seq_len", "launch.nproc_per_node", "launch.nnodes", "parallel.tp_size"):
+        _positive_int(cfg, key, source)
+    _positive_int(cfg, "train.warmup_steps", source, minimum=0)
+    if not isinstance(train["lr"], (int, float)) or train["lr"] <= 0:
+        raise RecipeError(f"{source}: train.lr must be a number > 0, got {train['lr']!r}")
+    if train["global_batch_size"] % train["micro_batch_size"]:
+        raise RecipeError(f"{source}: train.global_batch_size ({train['global_batch_size']}) must be a multiple "
+                          f"of train.micro_batch_size ({train['micro_batch_size']})")
+    if launch["launcher"] not in ("torchrun", "deepspeed", "mpirun", "srun"):
+        raise RecipeError(f"{source}: launch.launcher must be torchrun, deepspeed, mpirun or srun")
+    if not isinstance(train["output_dir"], str) or not train["output_dir"]:
+        raise RecipeError(f"{source}: train.output_dir must be a path")
+    adapter_config(cfg)
+
+
+def check_world(cfg: dict, world_size: int) -> int:
+    """Gradient-accumulation steps for this world size; errors when the batch does not divide."""
+    g, m = cfg["train"]["global_batch_size"], cfg["train"]["micro_batch_size"]
+    if g % (m * world_size):
+        raise RecipeError(f"train.global_batch_size ({g}) must be a multiple of micro_batch_size x world size "
+                          f"({m} x {world_size})")
+    return g // (m * world_size)

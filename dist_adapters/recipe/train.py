@@ -1,0 +1,195 @@
+"""The reference fine-tuning recipe: ``dist-adapters train CONFIG.yaml``.
+
+One process or many, the same loop: build (or load) the model, inject the adapter, hand the model
+to the strategy's setup function (``STRATEGIES``), and run optimizer steps whose samples depend
+only on (seed, step, global batch). The loss of a step is the sum of token losses over the whole
+global batch divided by its number of target tokens, however the batch is split into ranks and
+micro batches, so every strategy and world size trains the same adapter (to rounding).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint.atomic import atomic_write_text
+from ..checkpoint.peft_format import save_adapter
+from ..inject import inject
+from ..launcher import DistInfo, init_distributed
+from ..parallel.ddp import setup_ddp
+from ..parallel.engine import setup_none
+from . import builtin
+from .checkpoint import load_checkpoint, read_state, save_checkpoint
+from .config import RecipeError, adapter_config, check_world
+from .data import TextData, global_batch_indices, micro_batches, read_jsonl
+
+# parallel.strategy -> setup function (dist_adapters/parallel/); engines register here as they land.
+STRATEGIES = {"none": setup_none, "ddp": setup_ddp}
+PLANNED = {"fsdp1": 5, "fsdp2": 5, "zero1": 6, "zero2": 6, "zero3": 6, "tp": 7, "fsdp2_tp": 7}
+
+
+def preflight(cfg: dict, world_size: int) -> list[str]:
+    """Every check that can fail on user input, run once before any process is launched.
+    Returns the data texts (read and validated)."""
+    strategy = cfg["parallel"]["strategy"]
+    if strategy in PLANNED:
+        raise RecipeError(f"parallel.strategy {strategy!r} is not implemented yet (issue {PLANNED[strategy]}); "
+                          f"available: {', '.join(STRATEGIES)}")
+    if strategy == "none" and world_size > 1:
+        raise RecipeError("parallel.strategy 'none' runs one process; use strategy ddp or launch.nproc_per_node: 1")
+    launch = cfg["launch"]
+    if launch["launcher"] != "torchrun" or launch["nnodes"] > 1:
+        raise RecipeError("launch: only single-node torchrun is available yet; multi-node and "
+                          "deepspeed/mpirun/srun launchers come with `dist-adapters launch` (issue 9)")
+    if cfg["model"]["quantization"]:
+        raise RecipeError("model.quantization is not implemented yet (issue 8)")
+    if cfg["model"]["path"] is not None and not os.path.isdir(cfg["model"]["path"]):
+        raise RecipeError(f"model.path {cfg['model']['path']!r} is not a directory")
+    check_world(cfg, world_size)
+    out = cfg["train"]["output_dir"]
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise RecipeError(f"train.output_dir {out!r} is not writable ({exc.strerror or exc})") from None
+    if cfg["train"]["resume_from"]:
+        read_state(cfg["train"]["resume_from"])
+    return read_jsonl(cfg["data"]["path"] or builtin.DATA_FILE)
+
+
+def _load_model(cfg: dict):
+    dtype = getattr(torch, cfg["model"]["dtype"])
+    path = cfg["model"]["path"]
+    if path is None:
+        tokenizer = builtin.builtin_tokenizer()
+        return builtin.builtin_model(cfg["train"]["seed"], tokenizer, dtype), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"model.path {path!r}: {' '.join(str(exc).split())[:300]}") from None
+    return model, tokenizer
+
+
+def _lr_at(step: int, train: dict) -> float:
+    warm, total, lr = train["warmup_steps"], train["steps"], train["lr"]
+    if warm and step < warm:
+        return lr * (step + 1) / warm
+    if train["lr_schedule"] == "cosine":
+        progress = (step - warm) / max(1, total - warm)
+        return lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
+
+
+def _all_reduce_sum(value: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(value)
+    return value
+
+
+def peft_snippet(cfg: dict) -> str:
+    """The three lines that load the run's adapter with peft."""
+    out = cfg["train"]["output_dir"]
+    base = cfg["model"]["path"] or os.path.join(out, "base_model")
+    return ("from transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
+            f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), "
+            f"{os.path.join(out, 'adapter')!r})")
+
+
+def train(cfg: dict) -> dict:
+    """Run the recipe in this process (one rank of the job). Returns a summary on every rank."""
+    from tqdm import tqdm
+
+    dist = init_distributed(cfg["launch"]["timeout_minutes"])
+    try:
+        texts = preflight(cfg, dist.world_size)
+        return _train(cfg, dist, texts, tqdm)
+    finally:
+        if dist.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
+    tr = cfg["train"]
+    out = tr["output_dir"]
+    model, tokenizer = _load_model(cfg)
+    adapter_cfg = adapter_config(cfg)
+    if cfg["model"]["path"] is None:
+        base_dir = os.path.abspath(os.path.join(out, "base_model"))
+        if dist.is_main:
+            model.save_pretrained(base_dir)
+            tokenizer.save_pretrained(base_dir)
+        adapter_cfg.base_model_name_or_path = base_dir
+    else:
+        adapter_cfg.base_model_name_or_path = cfg["model"]["path"]
+    torch.manual_seed(tr["seed"])  # same adapter init on every rank
+    inject(model, adapter_cfg)
+
+    def make_optimizer(params):
+        return torch.optim.AdamW(params, lr=tr["lr"], weight_decay=tr["weight_decay"])
+
+    engine = STRATEGIES[cfg["parallel"]["strategy"]](model, make_optimizer, dist)
+    data = TextData(texts, tokenizer, cfg["data"]["seq_len"])
+    start = 0
+    if tr["resume_from"]:
+        start = load_checkpoint(tr["resume_from"], engine, dist)["step"]
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    metrics = open(metrics_path, "a" if start else "w", encoding="utf-8") if dist.is_main else None
+    t_start = time.perf_counter()
+    first_loss = last_loss = None
+    bar = tqdm(range(start, tr["steps"]), initial=start, total=tr["steps"], disable=not dist.is_main,
+               desc="train", dynamic_ncols=True)
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            lr = _lr_at(step, tr)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            indices = global_batch_indices(step, len(data), tr["global_batch_size"], tr["seed"])
+            batches = [data.batch(mb).to(dist.device)
+                       for mb in micro_batches(indices, dist.rank, dist.world_size, tr["micro_batch_size"])]
+            total = _all_reduce_sum(torch.tensor(float(sum(b.target_tokens() for b in batches))), dist).item()
+            loss_sum = torch.zeros((), device=dist.device)
+            for i, batch in enumerate(batches):
+                with engine.accumulating(last_micro_step=i == len(batches) - 1):
+                    logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
+                                           ignore_index=-100, reduction="sum")
+                    # DDP averages gradients over ranks: scaling by world/total makes the sum of
+                    # token losses over the global batch / its token count, at any world size.
+                    engine.backward(loss * (dist.world_size / total))
+                    loss_sum += loss.detach()
+            step_loss = (_all_reduce_sum(loss_sum, dist) / total).item()
+            grad_norm = engine.step(tr["max_grad_norm"])
+            first_loss = step_loss if first_loss is None else first_loss
+            last_loss = step_loss
+            if metrics is not None:
+                seconds = time.perf_counter() - t0
+                row = {"step": step + 1, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
+                       "tokens_per_s": round(total / seconds, 1), "seconds": round(time.perf_counter() - t_start, 3)}
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+            if (step + 1) % tr["checkpoint_every"] == 0:
+                save_checkpoint(os.path.join(out, "checkpoints"), step + 1, engine, dist,
+                                {"seed": tr["seed"], "global_batch_size": tr["global_batch_size"]})
+    finally:
+        if metrics is not None:
+            metrics.close()
+    adapter_dir = save_adapter(engine.model, os.path.join(out, "adapter"))
+    if dist.is_main:
+        from .plot import plot_loss
+
+        plot_loss(metrics_path, os.path.join(out, "loss.png"))
+        atomic_write_text(os.path.join(out, "recipe.json"), json.dumps(cfg, indent=2) + "\n")
+    return {"first_loss": first_loss, "last_loss": last_loss, "adapter": adapter_dir, "steps": tr["steps"],
+            "model": engine.model}

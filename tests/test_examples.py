@@ -1,0 +1,40 @@
+"""The scripts in examples/ run as documented and write adapters peft loads."""
+
+import os
+import subprocess
+import sys
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import dist_adapters as da
+from recipe_helpers import ROOT
+
+
+def _run(args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _check_peft_loads(out):
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base_model"), str(out / "adapter"))
+    ours = da.load_adapter(AutoModelForCausalLM.from_pretrained(out / "base_model"), str(out / "adapter"))
+    with torch.no_grad():
+        assert (theirs.eval()(input_ids=ids).logits - ours.eval()(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+def test_ddp_raw_loop_under_torchrun(tmp_path):
+    res = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "examples/ddp_raw_loop.py", "--out", str(tmp_path), "--steps", "10"])
+    assert "world size 2" in res.stdout
+    _check_peft_loads(tmp_path)
+
+
+def test_lora_quickstart(tmp_path):
+    res = _run(["examples/lora_quickstart.py", "--output-dir", str(tmp_path), "--steps", "10"])
+    assert "reloaded from disk" in res.stdout
+    _check_peft_loads(tmp_path)
