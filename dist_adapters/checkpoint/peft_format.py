@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import CONFIG_NAME, LoraConfig, load_config
 from ..control import adapter_configs, adapter_layers, get_config, unwrap
+from ..parallel.state import barrier, rank
 from .atomic import atomic_path
 
 PREFIX = "base_model.model."
@@ -98,11 +99,6 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sorted(out.items())}
 
 
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _auto_mapping(model: nn.Module) -> dict:
     return {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
 
@@ -120,7 +116,7 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     if not tensors:
         raise RuntimeError(f"adapter {adapter_name!r} has no tensors to save")
     out_dir = path if adapter_name == "default" else os.path.join(path, adapter_name)
-    if _rank() == 0:
+    if rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
         with atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt"})
@@ -128,14 +124,8 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
         if config.task_type is None and config.auto_mapping is None:
             overrides["auto_mapping"] = _auto_mapping(inner)
         config.save(out_dir, **overrides)
-    _barrier()
+    barrier()
     return out_dir
-
-
-def _barrier() -> None:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def read_adapter_weights(directory: str) -> tuple[dict[str, torch.Tensor], str]:

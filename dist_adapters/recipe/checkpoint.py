@@ -20,14 +20,10 @@ import torch
 
 from ..checkpoint.atomic import atomic_write_text
 from ..checkpoint.peft_format import load_adapter, save_adapter
+from ..parallel.state import barrier
 from .config import RecipeError
 
 STATE_NAME = "trainer_state.json"
-
-
-def _barrier(dist) -> None:
-    if dist.world_size > 1:
-        torch.distributed.barrier()
 
 
 def save_checkpoint(root: str, step: int, engine, dist, meta: dict) -> str:
@@ -36,17 +32,17 @@ def save_checkpoint(root: str, step: int, engine, dist, meta: dict) -> str:
     if dist.is_main:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
-    _barrier(dist)
+    barrier()
     save_adapter(engine.model, os.path.join(partial, "adapter"))
     engine.save_optimizer(partial)
     torch.save(torch.get_rng_state(), os.path.join(partial, f"rng_rank{dist.rank}.pt"))
-    _barrier(dist)
+    barrier()
     if dist.is_main:
         atomic_write_text(os.path.join(partial, STATE_NAME),
                           json.dumps({"step": step, "world_size": dist.world_size, **meta}, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-    _barrier(dist)
+    barrier()
     return final
 
 
