@@ -162,6 +162,14 @@ class LoraConfig(_PeftConfigBase):
                 raise ValueError("LoraConfig.layers_pattern cannot be used when target_modules is a str (regex)")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("LoraConfig.layers_pattern is set but layers_to_transform is not")
+        tti = self.trainable_token_indices
+        if isinstance(tti, dict):
+            if not tti:
+                raise ValueError("LoraConfig.trainable_token_indices is an empty dict")
+            for module, indices in tti.items():
+                validate_token_indices(list(indices), f"LoraConfig.trainable_token_indices[{module!r}]")
+        elif tti is not None:
+            validate_token_indices(list(tti), "LoraConfig.trainable_token_indices")
         for key, off in _UNSUPPORTED_LORA_FIELDS.items():
             if key in self.extra and not _is_off(self.extra[key], off):
                 raise ValueError(

@@ -13,8 +13,9 @@ from torch import nn
 
 from .layers.lora import AdapterLayer
 from .layers.modules_to_save import ModulesToSave
+from .layers.tokens import TiedTokensHead
 
-ADAPTER_LAYER_TYPES: tuple[type, ...] = (AdapterLayer, ModulesToSave)
+ADAPTER_LAYER_TYPES: tuple[type, ...] = (AdapterLayer, ModulesToSave, TiedTokensHead)
 
 # Engine wrappers that hold the real model in `.module` and add nothing to its names.
 _WRAPPER_NAMES = {"DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "PipelineEngine"}

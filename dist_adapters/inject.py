@@ -28,6 +28,7 @@ from .config import LoraConfig, TrainableTokensConfig
 from .control import adapter_configs, adapter_layers, unwrap, ADAPTER_LAYER_TYPES
 from .layers.lora import LoraEmbedding, LoraLinear
 from .layers.modules_to_save import ModulesToSave
+from .layers.tokens import TiedTokensHead, TrainableTokensLayer
 
 # base class -> factory(base_module, config) returning an adapter layer with .add_adapter(...)
 LoraFactory = Callable[[nn.Module, LoraConfig], nn.Module]
@@ -251,6 +252,58 @@ def _inject_modules_to_save(model: nn.Module, entries: list[str], adapter_name: 
                 module.add_adapter(adapter_name)
 
 
+def token_targets(model: nn.Module, target_modules, indices, per_module: Optional[dict] = None) -> dict:
+    """{embedding module name: token ids}. ``target_modules`` None means the input embedding;
+    a list matches names or dotted suffixes, a str is a full-match regex (peft's rules)."""
+    names = _candidate_names(model)
+    if target_modules is None:
+        get = getattr(model, "get_input_embeddings", None)
+        emb = get() if callable(get) else None
+        name = next((n for n, m in model.named_modules() if m is emb), None) if emb is not None else None
+        if name is None:
+            name = next((n for n in names if _suffix_match(n, "embed_tokens")), None)
+        if name is None:
+            raise ValueError(f"no input embedding found in {type(model).__name__}: set target_modules")
+        return {name: list(indices)}
+    targets: dict[str, list[int]] = {}
+    entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    for entry in entries:
+        if isinstance(target_modules, str):
+            hits = [n for n in names if re.fullmatch(entry, n)]
+        else:
+            hits = [n for n in names if _suffix_match(n, entry)]
+        if not hits:
+            raise ValueError(f"trainable tokens target {entry!r} matches no module in {type(model).__name__}; "
+                             f"some module names: {_sample(names)}")
+        for n in hits:
+            targets[n] = list(per_module[entry] if per_module is not None else indices)
+    return targets
+
+
+def inject_tokens(model: nn.Module, targets: dict, adapter_name: str, init_weights: bool) -> None:
+    """Wrap each target embedding in a TrainableTokensLayer (or add to it) and, when the output
+    head shares the embedding's weight, wrap the head in a TiedTokensHead."""
+    head_name = _output_head_name(model)
+    head = model.get_submodule(head_name) if head_name else None
+    for name, indices in targets.items():
+        module = model.get_submodule(name)
+        where = f"trainable tokens on {name!r}"
+        if isinstance(module, LoraEmbedding):
+            raise ValueError(f"{where}: the module is also a LoRA target; train it with LoRA or with "
+                             "trainable tokens, not both")
+        if not isinstance(module, TrainableTokensLayer):
+            if not isinstance(module, nn.Embedding):
+                raise ValueError(f"{where}: the module is a {type(module).__name__}; trainable tokens need "
+                                 "an nn.Embedding")
+            module = TrainableTokensLayer(module)
+            _replace(model, name, module)
+        module.check_indices(adapter_name, indices, where)
+        module.add_adapter(adapter_name, indices, init_weights=init_weights)
+        if head is not None and not isinstance(head, TiedTokensHead) and \
+                getattr(head, "weight", None) is module.base_layer.weight:
+            _replace(model, head_name, TiedTokensHead(head, module))
+
+
 def _mark_trainable(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
@@ -258,15 +311,16 @@ def _mark_trainable(model: nn.Module, config: LoraConfig, adapter_name: str) -> 
     model.__dict__["_da_active"] = active
     for _, layer in adapter_layers(model):
         layer.set_adapter([active])
-    if config.bias == "all":
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
         for n, p in model.named_parameters():
             if n == "bias" or n.endswith(".bias"):
                 p.requires_grad_(True)
-    elif config.bias == "lora_only":
+    elif bias == "lora_only":
         for _, layer in adapter_layers(model):
-            bias = getattr(getattr(layer, "base_layer", None), "bias", None)
-            if isinstance(layer, (LoraLinear, LoraEmbedding)) and bias is not None:
-                bias.requires_grad_(True)
+            layer_bias = getattr(getattr(layer, "base_layer", None), "bias", None)
+            if isinstance(layer, (LoraLinear, LoraEmbedding)) and layer_bias is not None:
+                layer_bias.requires_grad_(True)
 
 
 def inject(model: nn.Module, config, adapter_name: str = "default") -> nn.Module:
@@ -279,18 +333,23 @@ def inject(model: nn.Module, config, adapter_name: str = "default") -> nn.Module
     configs = adapter_configs(inner)
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists on this model; pick another adapter_name")
-    if isinstance(config, TrainableTokensConfig) or (
-        isinstance(config, LoraConfig) and config.trainable_token_indices is not None
-    ):
-        raise NotImplementedError("trainable tokens are not implemented yet in dist_adapters (issue 4)")
-    if not isinstance(config, LoraConfig):
+    if not isinstance(config, (LoraConfig, TrainableTokensConfig)):
         raise TypeError(f"config must be a da.LoraConfig or da.TrainableTokensConfig, got {type(config).__name__}")
-    if config.init_lora_weights == "loftq":
-        raise NotImplementedError("init_lora_weights='loftq' is not implemented yet in dist_adapters (issue 8)")
     config = copy.deepcopy(config)  # resolved below (all-linear, fan_in_fan_out); the caller's stays as given
-    _inject_lora(inner, config, adapter_name)
-    if config.modules_to_save:
-        _inject_modules_to_save(inner, list(config.modules_to_save), adapter_name)
+    if isinstance(config, TrainableTokensConfig):
+        targets = token_targets(inner, config.target_modules, config.token_indices)
+        inject_tokens(inner, targets, adapter_name, config.init_weights)
+    else:
+        if config.init_lora_weights == "loftq":
+            raise NotImplementedError("init_lora_weights='loftq' is not implemented yet in dist_adapters (issue 8)")
+        _inject_lora(inner, config, adapter_name)
+        if config.modules_to_save:
+            _inject_modules_to_save(inner, list(config.modules_to_save), adapter_name)
+        if config.trainable_token_indices is not None:
+            tti = config.trainable_token_indices
+            targets = (token_targets(inner, list(tti), None, per_module=tti) if isinstance(tti, dict)
+                       else token_targets(inner, None, list(tti)))
+            inject_tokens(inner, targets, adapter_name, init_weights=True)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(inner, "config", None), "_name_or_path", None) or None
     configs[adapter_name] = config

@@ -12,6 +12,12 @@ removed:
     <m>.lora_embedding_B.<adapter>.weight             base_model.model.<m>.lora_embedding_B
     <m>.modules_to_save.<adapter>.<rest>              base_model.model.<m>.<rest>
     <m>.base_layer.bias / <m>.bias (bias=all|lora_only) base_model.model.<m>.base_layer.bias / ...
+    <m>.trainable_tokens_delta.<adapter>.weight       base_model.model.<m>.trainable_tokens_delta (standalone)
+                                                      base_model.model.<m>.token_adapter.trainable_tokens_delta (with LoRA)
+
+A tied output head's token rows are the embedding's and are saved once, under the embedding.
+peft's standalone trainable tokens also write ``<head>.trainable_tokens_delta`` for a tied head;
+on load that duplicate is checked against the embedding's rows and otherwise skipped.
 
 peft also writes full embedding weights when an embedding is targeted
 (``<m>.base_layer.weight``, ``lm_head.weight``); those load into the base weights, as in peft.
@@ -31,6 +37,7 @@ from torch import nn
 
 from ..config import CONFIG_NAME, LoraConfig, load_config
 from ..control import adapter_configs, adapter_layers, get_config, unwrap
+from ..layers.tokens import TiedTokensHead
 from ..parallel.state import barrier, rank
 from .atomic import atomic_path
 
@@ -41,11 +48,21 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 _LORA_FACTOR = re.compile(r"^(?P<m>.+)\.(?P<kind>lora_A|lora_B)\.(?P<a>[^.]+)\.weight$")
 _EMB_FACTOR = re.compile(r"^(?P<m>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)\.(?P<a>[^.]+)\.weight$")
 _SAVED_COPY = re.compile(r"^(?P<m>.+)\.modules_to_save\.(?P<a>[^.]+)\.(?P<rest>.+)$")
+_TOKEN_ROWS = re.compile(r"^(?P<m>.+)\.trainable_tokens_delta\.(?P<a>[^.]+)\.weight$")
+_PEFT_TOKEN_ROWS = re.compile(r"^(?P<m>.+?)(?P<wrap>\.token_adapter)?\.trainable_tokens_delta$")
 
 
-def to_peft_key(key: str, adapter_name: str) -> Optional[str]:
+def _token_prefix(config) -> str:
+    """peft nests trainable tokens under ``token_adapter`` when they come with LoRA."""
+    return "token_adapter." if isinstance(config, LoraConfig) else ""
+
+
+def to_peft_key(key: str, adapter_name: str, token_prefix: str = "") -> Optional[str]:
     """Our parameter name -> peft's file key, or None when the key belongs to another adapter
     or is not an adapter tensor at all."""
+    found = _TOKEN_ROWS.match(key)
+    if found:
+        return PREFIX + f"{found['m']}.{token_prefix}trainable_tokens_delta" if found["a"] == adapter_name else None
     for pattern, fmt in ((_LORA_FACTOR, "{m}.{kind}.weight"), (_EMB_FACTOR, "{m}.{kind}")):
         found = pattern.match(key)
         if found:
@@ -59,6 +76,9 @@ def to_peft_key(key: str, adapter_name: str) -> Optional[str]:
 def from_peft_key(key: str, adapter_name: str, copies: set[str]) -> str:
     """peft's file key -> our parameter name. ``copies``: names of our ModulesToSave modules."""
     key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    found = _PEFT_TOKEN_ROWS.match(key)
+    if found:
+        return f"{found['m']}.trainable_tokens_delta.{adapter_name}.weight"
     for kind in ("lora_A", "lora_B"):
         if key.endswith(f".{kind}.weight"):
             return key[: -len(".weight")] + f".{adapter_name}.weight"
@@ -90,7 +110,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     params = dict(inner.named_parameters(remove_duplicate=False))
     out: dict[str, torch.Tensor] = {}
     for key, tensor in params.items():
-        peft_key = to_peft_key(key, adapter_name)
+        peft_key = to_peft_key(key, adapter_name, _token_prefix(config))
         if peft_key is not None:
             out[peft_key] = tensor
     if isinstance(config, LoraConfig):
@@ -174,11 +194,20 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
             config = dataclasses.replace(config, init_lora_weights=True, loftq_config={})
         inject(inner, dataclasses.replace(config, inference_mode=False), adapter_name)
     copies = {name for name, layer in adapter_layers(inner) if hasattr(layer, "original_module")}
+    layer_name = {id(layer): name for name, layer in adapter_layers(inner)}
+    tied = {name: layer_name[id(layer._tokens[0])] for name, layer in adapter_layers(inner)
+            if isinstance(layer, TiedTokensHead)}  # head module -> its embedding module
     params = dict(inner.named_parameters(remove_duplicate=False))
-    expected = {to_peft_key(k, adapter_name) for k in params} - {None}
+    prefix = _token_prefix(get_config(inner, adapter_name))
+    expected = {to_peft_key(k, adapter_name, prefix) for k in params} - {None}
     seen: set[str] = set()
+    duplicates: list[tuple[str, torch.Tensor, str]] = []
     for key, tensor in tensors.items():
         ours = from_peft_key(key, adapter_name, copies)
+        module = ours.rsplit(".trainable_tokens_delta.", 1)[0]
+        if module in tied:  # peft's second copy of a tied head's rows: checked below, not loaded
+            duplicates.append((key, tensor, f"{tied[module]}.trainable_tokens_delta.{adapter_name}.weight"))
+            continue
         target = params.get(ours)
         if target is None and ours.endswith(".weight") and f"{ours[:-7]}.base_layer.weight" in params:
             target = params[f"{ours[:-7]}.base_layer.weight"]  # peft saved an un-wrapped name
@@ -190,6 +219,9 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
                              f"{tuple(target.shape)}")
         target.data.copy_(tensor.to(target.dtype))
         seen.add(key)
+    for key, tensor, twin in duplicates:
+        if not torch.equal(tensor.to(params[twin].dtype), params[twin].data):
+            raise ValueError(f"{file}: key {key!r} (tied output head) differs from the embedding's rows")
     missing = sorted(expected - seen)
     if missing:
         raise ValueError(f"{file}: adapter {adapter_name!r} is missing {len(missing)} tensor(s), "

@@ -79,6 +79,11 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, for code that inspects ``module.weight`` (as peft's layers offer)."""
+        return self.base_layer.weight
+
     def adapter_names(self) -> list[str]:
         return list(getattr(self, self.adapter_module_names[0]).keys())
 
