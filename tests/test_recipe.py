@@ -57,9 +57,10 @@ def test_peft_reproduces_the_trained_in_memory_model(tmp_path):
 def test_none_world1_equals_ddp_world2(tmp_path):
     """The signature property: same seed and global batch 8, micro batch 2 on 1 rank (4 micro
     steps) vs micro batch 4 on each of 2 ranks (1 micro step): the same adapter."""
-    one = cli("train", DEMO, "--set", *small(tmp_path / "one", **{"train.micro_batch_size": 2}))
+    lora_only = {"adapter.trainable_token_indices": "null"}
+    one = cli("train", DEMO, "--set", *small(tmp_path / "one", **lora_only, **{"train.micro_batch_size": 2}))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = cli("train", DEMO, "--set", *small(tmp_path / "two", **{
+    two = cli("train", DEMO, "--set", *small(tmp_path / "two", **lora_only, **{
         "train.micro_batch_size": 4, "parallel.strategy": "ddp", "launch.nproc_per_node": 2}))
     assert two.returncode == 0, two.stderr[-3000:]
     diff = max_adapter_diff(tmp_path / "one", tmp_path / "two")
@@ -139,3 +140,19 @@ def test_bad_input_gives_one_line_errors(tmp_path):
                     "global_batch_size (16) must be a multiple of train.micro_batch_size (3)")
     _one_line_error(cli("train", DEMO, "--set", "parallel.strategy=fsdp2"), "not implemented yet (issue 5)")
     _one_line_error(cli("train", DEMO, "--set", f"train.resume_from={tmp_path}/none"), "does not exist")
+
+
+def test_trainable_tokens_none_world1_equals_ddp_world2(tmp_path):
+    tokens = "[256, 257, 259]"
+    one = cli("train", DEMO, "--set", *small(tmp_path / "one", **{
+        "adapter.trainable_token_indices": tokens, "train.micro_batch_size": 2}))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = cli("train", DEMO, "--set", *small(tmp_path / "two", **{
+        "adapter.trainable_token_indices": tokens, "train.micro_batch_size": 4,
+        "parallel.strategy": "ddp", "launch.nproc_per_node": 2}))
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = adapter_tensors(tmp_path / "one")["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert rows.shape == (3, 128)
+    diff = max_adapter_diff(tmp_path / "one", tmp_path / "two")
+    print(f"max |adapter diff| with trainable tokens, none@1 vs ddp@2: {diff:.2e}")
+    assert diff <= 1e-4

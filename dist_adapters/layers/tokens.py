@@ -52,10 +52,11 @@ class TokenRows(nn.Module):
         if mode == "embed":
             pos = torch.searchsorted(self.sorted_indices, x).clamp_(max=len(self.sorted_indices) - 1)
             hit = self.sorted_indices[pos] == x
-            rows = F.embedding(self.order[pos], self.weight)
+            rows = F.embedding(self.order[pos[hit]], self.weight)  # [positions holding a chosen token, d]
             if scale is not None:
                 rows = rows * scale.to(rows.dtype)
-            return torch.where(hit.unsqueeze(-1), rows.to(base_out.dtype), base_out)
+            # in place: an embedding's backward needs only the ids, never its output
+            return base_out.index_put_((hit,), rows.to(base_out.dtype))
         if mode == "logits":
             extra = F.linear(x.to(self.weight.dtype), self.weight,
                              None if bias is None else bias[self.indices].to(self.weight.dtype))
