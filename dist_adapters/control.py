@@ -18,7 +18,8 @@ from .layers.tokens import TiedTokensHead
 ADAPTER_LAYER_TYPES: tuple[type, ...] = (AdapterLayer, ModulesToSave, TiedTokensHead)
 
 # Engine wrappers that hold the real model in `.module` and add nothing to its names.
-_WRAPPER_NAMES = {"DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "PipelineEngine"}
+_WRAPPER_NAMES = {"DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "PipelineEngine",
+                  "FullyShardedDataParallel"}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

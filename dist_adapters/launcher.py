@@ -39,8 +39,10 @@ def torchrun_command(nproc_per_node: int, module_args: list[str]) -> list[str]:
             f"--nproc_per_node={nproc_per_node}", "-m", *module_args]
 
 
-def init_distributed(timeout_minutes: float = 30) -> DistInfo:
+def init_distributed(timeout_minutes: float = 30, need_group: bool = False) -> DistInfo:
     """Join the process group the launcher prepared (gloo on CPU, nccl on CUDA), or run alone.
+    ``need_group``: without a launcher, still make a one-process group (engines such as FSDP and
+    torch.distributed.checkpoint need one even at world size 1).
 
     The timeout bounds every collective: a rank that died makes the others fail within it
     instead of hanging forever.
@@ -54,8 +56,11 @@ def init_distributed(timeout_minutes: float = 30) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if under_launcher() and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
+    elif need_group and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)

@@ -20,7 +20,7 @@ from .parallel.gather import full_weights
 def merge(model: nn.Module, adapter_names: Optional[list[str]] = None) -> nn.Module:
     """Add the active adapters (or ``adapter_names``) into the base weights; forward then skips them."""
     for _, layer in adapter_layers(model):
-        with full_weights(layer):
+        with full_weights(layer, model):
             layer.merge(adapter_names)
     return model
 
@@ -28,7 +28,7 @@ def merge(model: nn.Module, adapter_names: Optional[list[str]] = None) -> nn.Mod
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtract every merged adapter from the base weights."""
     for _, layer in adapter_layers(model):
-        with full_weights(layer):
+        with full_weights(layer, model):
             layer.unmerge()
     return model
 
@@ -42,7 +42,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """
     inner = unwrap(model)
     for name, layer in list(adapter_layers(inner)):
-        with full_weights(layer):
+        with full_weights(layer, model):
             plain = layer.unloaded(merge)
         parent_name, _, child = name.rpartition(".")
         setattr(inner.get_submodule(parent_name) if parent_name else inner, child, plain)

@@ -138,7 +138,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
                     "train.output_dir", "a-file/out", "not writable")
     _one_line_error(cli("train", DEMO, "--set", "train.micro_batch_size=3"),
                     "global_batch_size (16) must be a multiple of train.micro_batch_size (3)")
-    _one_line_error(cli("train", DEMO, "--set", "parallel.strategy=fsdp2"), "not implemented yet (issue 5)")
+    _one_line_error(cli("train", DEMO, "--set", "parallel.strategy=zero3"), "not implemented yet (issue 6)")
     _one_line_error(cli("train", DEMO, "--set", f"train.resume_from={tmp_path}/none"), "does not exist")
 
 

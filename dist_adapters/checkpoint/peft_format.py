@@ -38,7 +38,8 @@ from torch import nn
 from ..config import CONFIG_NAME, LoraConfig, load_config
 from ..control import adapter_configs, adapter_layers, get_config, unwrap
 from ..layers.tokens import TiedTokensHead
-from ..parallel.state import barrier, rank
+from ..parallel.fsdp import is_fsdp1
+from ..parallel.state import barrier, clean_name, full_shape, iter_params, rank, read_full, write_full
 from .atomic import atomic_path
 
 PREFIX = "base_model.model."
@@ -91,32 +92,36 @@ def from_peft_key(key: str, adapter_name: str, copies: set[str]) -> str:
     return key
 
 
-def _bias_keys(model: nn.Module, config: LoraConfig) -> list[str]:
-    if config.bias == "all":
+def _bias_keys(model: nn.Module, config) -> set[str]:
+    """Clean names of the biases peft saves for ``bias="all"`` / ``"lora_only"``."""
+    bias = getattr(config, "bias", "none")
+    if bias == "none":
+        return set()
+    if is_fsdp1(model):
+        raise NotImplementedError(f"bias={bias!r} under FSDP1: the biases live in frozen flat parameters; "
+                                  "use FSDP2 (parallel.strategy: fsdp2) or bias='none'")
+    names = [clean_name(n) for n, _ in model.named_parameters()]
+    if bias == "all":
         # the copies of modules_to_save are saved whole; their biases are not listed twice
-        return [n for n, _ in model.named_parameters() if (n == "bias" or n.endswith(".bias"))
-                and ".modules_to_save." not in n and ".original_module." not in n]
-    if config.bias == "lora_only":
-        names = {n for n, _ in model.named_parameters()}
-        return [f"{name}.base_layer.bias" for name, layer in adapter_layers(model)
-                if f"{name}.base_layer.bias" in names]
-    return []
+        return {n for n in names if (n == "bias" or n.endswith(".bias"))
+                and ".modules_to_save." not in n and ".original_module." not in n}
+    layers = {f"{clean_name(name)}.base_layer.bias" for name, layer in adapter_layers(model)}
+    return layers & set(names)
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under peft's keys (CPU, contiguous, detached copies)."""
-    inner = unwrap(model)
-    config = get_config(inner, adapter_name)
-    params = dict(inner.named_parameters(remove_duplicate=False))
+    """The adapter's tensors under peft's keys (CPU, contiguous, full-size copies).
+
+    Collective under FSDP / DTensor engines: every rank must call it; each rank gets the tensors.
+    Only adapter tensors are gathered, one unit or tensor at a time."""
+    config = get_config(model, adapter_name)
+    prefix = _token_prefix(config)
+    biases = _bias_keys(model, config)
     out: dict[str, torch.Tensor] = {}
-    for key, tensor in params.items():
-        peft_key = to_peft_key(key, adapter_name, _token_prefix(config))
-        if peft_key is not None:
-            out[peft_key] = tensor
-    if isinstance(config, LoraConfig):
-        for key in _bias_keys(inner, config):
-            out[PREFIX + key] = params[key]
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sorted(out.items())}
+    for name, param in iter_params(model, lambda n: to_peft_key(n, adapter_name, prefix) is not None or n in biases):
+        key = to_peft_key(name, adapter_name, prefix) or PREFIX + name
+        out[key] = read_full(param).detach().to("cpu").contiguous().clone()
+    return dict(sorted(out.items()))
 
 
 def _auto_mapping(model: nn.Module) -> dict:
@@ -132,7 +137,7 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     """
     inner = unwrap(model)
     config = get_config(inner, adapter_name)
-    tensors = adapter_state_dict(inner, adapter_name)
+    tensors = adapter_state_dict(model, adapter_name)
     if not tensors:
         raise RuntimeError(f"adapter {adapter_name!r} has no tensors to save")
     out_dir = path if adapter_name == "default" else os.path.join(path, adapter_name)
@@ -193,14 +198,13 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
             # the file holds the trained weights; LoftQ's init would only be overwritten
             config = dataclasses.replace(config, init_lora_weights=True, loftq_config={})
         inject(inner, dataclasses.replace(config, inference_mode=False), adapter_name)
-    copies = {name for name, layer in adapter_layers(inner) if hasattr(layer, "original_module")}
-    layer_name = {id(layer): name for name, layer in adapter_layers(inner)}
-    tied = {name: layer_name[id(layer._tokens[0])] for name, layer in adapter_layers(inner)
+    copies = {clean_name(name) for name, layer in adapter_layers(inner) if hasattr(layer, "original_module")}
+    layer_name = {id(layer): clean_name(name) for name, layer in adapter_layers(inner)}
+    tied = {clean_name(name): layer_name[id(layer._tokens[0])] for name, layer in adapter_layers(inner)
             if isinstance(layer, TiedTokensHead)}  # head module -> its embedding module
-    params = dict(inner.named_parameters(remove_duplicate=False))
     prefix = _token_prefix(get_config(inner, adapter_name))
-    expected = {to_peft_key(k, adapter_name, prefix) for k in params} - {None}
-    seen: set[str] = set()
+    names = {clean_name(n) for n, _ in model.named_parameters()}
+    incoming: dict[str, tuple[str, torch.Tensor]] = {}  # our clean name -> (file key, tensor)
     duplicates: list[tuple[str, torch.Tensor, str]] = []
     for key, tensor in tensors.items():
         ours = from_peft_key(key, adapter_name, copies)
@@ -208,23 +212,32 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
         if module in tied:  # peft's second copy of a tied head's rows: checked below, not loaded
             duplicates.append((key, tensor, f"{tied[module]}.trainable_tokens_delta.{adapter_name}.weight"))
             continue
-        target = params.get(ours)
-        if target is None and ours.endswith(".weight") and f"{ours[:-7]}.base_layer.weight" in params:
-            target = params[f"{ours[:-7]}.base_layer.weight"]  # peft saved an un-wrapped name
-        if target is None:
-            raise ValueError(f"{file}: key {key!r} matches no parameter of the model "
-                             f"(adapter {adapter_name!r}); is this adapter for another architecture?")
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"{file}: key {key!r} has shape {tuple(tensor.shape)}, the model expects "
-                             f"{tuple(target.shape)}")
-        target.data.copy_(tensor.to(target.dtype))
-        seen.add(key)
+        if ours not in names and ours.endswith(".weight") and f"{ours[:-7]}.base_layer.weight" in names:
+            ours = f"{ours[:-7]}.base_layer.weight"  # peft saved the un-wrapped name of a base weight
+        incoming[ours] = (key, tensor)
     for key, tensor, twin in duplicates:
-        if not torch.equal(tensor.to(params[twin].dtype), params[twin].data):
-            raise ValueError(f"{file}: key {key!r} (tied output head) differs from the embedding's rows")
-    missing = sorted(expected - seen)
+        if twin not in incoming:
+            incoming[twin] = (key, tensor)
+        elif not torch.equal(tensor, incoming[twin][1]):
+            raise ValueError(f"{file}: key {key!r} (tied output head) differs from {incoming[twin][0]!r}")
+    missing, loaded = [], set()
+    wanted = lambda n: n in incoming or to_peft_key(n, adapter_name, prefix) is not None  # noqa: E731
+    for name, param in iter_params(model, wanted, writeback=True):
+        if name not in incoming:
+            missing.append(to_peft_key(name, adapter_name, prefix))
+            continue
+        key, tensor = incoming[name]
+        if tuple(tensor.shape) != full_shape(param):
+            raise ValueError(f"{file}: key {key!r} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{full_shape(param)}")
+        write_full(param, tensor)
+        loaded.add(name)
+    unknown = sorted(incoming[n][0] for n in set(incoming) - loaded)
+    if unknown:
+        raise ValueError(f"{file}: key {unknown[0]!r} matches no parameter of the model "
+                         f"(adapter {adapter_name!r}); is this adapter for another architecture?")
     if missing:
         raise ValueError(f"{file}: adapter {adapter_name!r} is missing {len(missing)} tensor(s), "
-                         f"e.g. {missing[:3]}")
+                         f"e.g. {sorted(missing)[:3]}")
     return model
 

@@ -1,52 +1,90 @@
 """The one gather context for code that reads or writes full base weights (shard rule 3).
 
-Merge, unmerge, weight-dependent initialisations and trainable-token copies call
-``full_weights(layer)``. Inside it ``layer.base_layer.weight`` and the adapter weights are full,
-ordinary tensors, and in-place writes to them reach the engine's own storage.
+Merge, unmerge, weight-dependent initialisations and trainable-token copies run inside
+``full_weights(layer, root)``: there ``layer``'s parameters (base weight and adapter factors) are
+full, ordinary tensors, and in-place writes to them reach the engine's own storage on exit.
 
-Engines register a handler: ``register_gather(predicate, context_factory)``. A module that no
-handler claims is a plain module and needs nothing. A module that holds sharded parameters no
-handler knows is refused with the engine's name, rather than merged into a shard.
+- plain module: nothing to do.
+- FSDP1: ``summon_full_params(writeback=True)`` of the nearest FSDP unit enclosing ``layer``
+  (all-gather of that unit; the local shard is updated on exit).
+- DTensor (FSDP2, tensor parallel): each DTensor parameter of ``layer`` is swapped for its full
+  tensor (``full_tensor``: all-gather) and written back into its shards on exit.
+Every rank must enter for the same layers in the same order. Engines with other storage
+(ZeRO-3) register a handler with ``register_gather``.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import Callable, ContextManager, Iterator
+from contextlib import contextmanager
+from typing import Callable, ContextManager, Iterator, Optional
 
 from torch import nn
 
-_HANDLERS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], ContextManager]]] = []
+_HANDLERS: list[tuple[Callable[[nn.Module, nn.Module], bool], Callable[[nn.Module, nn.Module], ContextManager]]] = []
 
 
-def register_gather(predicate: Callable[[nn.Module], bool],
-                    context: Callable[[nn.Module], ContextManager]) -> None:
+def register_gather(predicate: Callable[[nn.Module, nn.Module], bool],
+                    context: Callable[[nn.Module, nn.Module], ContextManager]) -> None:
+    """``predicate(layer, root)`` claims a layer; ``context(layer, root)`` makes it full."""
     _HANDLERS.insert(0, (predicate, context))
 
 
-def _sharding_engine(module: nn.Module) -> str | None:
+@contextmanager
+def _dtensor_full(layer: nn.Module, root: nn.Module) -> Iterator[None]:
+    from .state import is_dtensor, write_full
+
+    swapped = []
+    for module in layer.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and is_dtensor(p):
+                module._parameters[name] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                swapped.append((module, name, p))
+    try:
+        yield
+    finally:
+        for module, name, original in swapped:
+            write_full(original, module._parameters[name].data)
+            module._parameters[name] = original
+
+
+def _has_dtensor(layer: nn.Module, root: nn.Module) -> bool:
+    from .state import is_dtensor
+
+    return any(is_dtensor(p) for p in layer.parameters())
+
+
+def _is_fsdp1(layer: nn.Module, root: nn.Module) -> bool:
+    from .fsdp import is_fsdp1
+
+    return root is not None and is_fsdp1(root)
+
+
+def _fsdp1_full(layer: nn.Module, root: nn.Module):
+    from .fsdp import fsdp1_full_params
+
+    return fsdp1_full_params(root, layer, writeback=True)
+
+
+register_gather(_has_dtensor, _dtensor_full)
+register_gather(_is_fsdp1, _fsdp1_full)
+
+
+def _unknown_sharding(module: nn.Module) -> Optional[str]:
     for p in module.parameters():
         if hasattr(p, "ds_shape") or hasattr(p, "ds_id"):
             return "DeepSpeed ZeRO-3"
-        if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
-            return "DTensor (FSDP2 / tensor parallel)"
-        if type(p).__name__ == "FlatParameter":
-            return "FSDP1"
     return None
 
 
 @contextmanager
-def full_weights(module: nn.Module) -> Iterator[nn.Module]:
+def full_weights(layer: nn.Module, root: Optional[nn.Module] = None) -> Iterator[nn.Module]:
     for predicate, context in _HANDLERS:
-        if predicate(module):
-            with context(module):
-                yield module
+        if predicate(layer, root):
+            with context(layer, root):
+                yield layer
             return
-    engine = _sharding_engine(module)
+    engine = _unknown_sharding(layer)
     if engine is not None:
-        raise NotImplementedError(
-            f"{type(module).__name__} holds {engine} sharded parameters and no gather handler for that "
-            "engine is registered; use the engine helpers in dist_adapters.parallel"
-        )
-    with nullcontext():
-        yield module
+        raise NotImplementedError(f"{type(layer).__name__} holds {engine} partitioned parameters and no gather "
+                                  "handler for that engine is registered")
+    yield layer

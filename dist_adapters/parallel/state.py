@@ -1,9 +1,28 @@
-"""Collective helpers for state dicts and saves: every rank enters, rank 0 writes (shard rule 4).
-Work without a process group (one process) as well."""
+"""Collective access to adapter parameters, whatever engine holds them (shard rule 4).
+
+``iter_params(model, wanted)`` yields (clean name, parameter) for the parameters whose clean name
+``wanted`` accepts, in module order on every rank. Under FSDP1 each adapter leaf unit is
+summoned in turn (``summon_full_params``, an all-gather of that unit only); under FSDP2 / DTensor
+the caller reads ``read_full(p)`` (``DTensor.full_tensor``: an all-gather of that tensor only).
+Every rank must run the same iteration; the frozen model is never gathered. ``write_full``
+writes a full tensor back into the parameter's shard.
+"""
 
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 import torch
+from torch import nn
+
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter or module name without FSDP1 / checkpoint / torch.compile wrapper segments."""
+    for seg in _WRAPPER_SEGMENTS:
+        name = name.replace(seg, "")
+    return name
 
 
 def is_distributed() -> bool:
@@ -18,3 +37,40 @@ def rank() -> int:
 def barrier() -> None:
     if is_distributed():
         torch.distributed.barrier()
+
+
+def is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
+
+
+def iter_params(model: nn.Module, wanted: Callable[[str], bool], writeback: bool = False
+                ) -> Iterator[tuple[str, nn.Parameter]]:
+    from .fsdp import fsdp1_adapter_params, is_fsdp1
+
+    if is_fsdp1(model):
+        for name, p in fsdp1_adapter_params(model, writeback=writeback):
+            if wanted(name):
+                yield name, p
+        return
+    for name, p in model.named_parameters(remove_duplicate=False):
+        name = clean_name(name)
+        if wanted(name):
+            yield name, p
+
+
+def read_full(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if is_dtensor(p) else p
+
+
+def full_shape(p: torch.Tensor) -> tuple:
+    return tuple(p.shape)  # a DTensor's shape is the global one
+
+
+@torch.no_grad()
+def write_full(p: torch.Tensor, value: torch.Tensor) -> None:
+    if is_dtensor(p):
+        from torch.distributed.tensor import distribute_tensor
+
+        p.copy_(distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements))
+    else:
+        p.data.copy_(value.to(p.device, p.dtype))

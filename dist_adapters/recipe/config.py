@@ -31,7 +31,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 10, "resume_from": None, "output_dir": "runs/demo",
         "weight_decay": 0.0, "warmup_steps": 0, "lr_schedule": "constant", "max_grad_norm": 1.0,
     },
-    "parallel": {"strategy": "none", "tp_size": 1, "use_orig_params": False, "deepspeed_config": None},
+    "parallel": {"strategy": "none", "tp_size": 1, "use_orig_params": False, "deepspeed_config": None,
+                 "activation_checkpointing": False, "mixed_precision": None},
     "launch": {"launcher": "torchrun", "nproc_per_node": 1, "nnodes": 1, "timeout_minutes": 30},
 }
 
@@ -121,6 +122,8 @@ def validate(cfg: dict, source: str) -> None:
         raise RecipeError(f"{source}: unknown parallel.strategy {par['strategy']!r} (one of: {', '.join(STRATEGIES)})")
     if cfg["model"]["dtype"] not in DTYPES:
         raise RecipeError(f"{source}: model.dtype must be one of {', '.join(DTYPES)}, got {cfg['model']['dtype']!r}")
+    if par["mixed_precision"] not in (None, "bfloat16", "float16"):
+        raise RecipeError(f"{source}: parallel.mixed_precision must be null, bfloat16 or float16")
     if train["lr_schedule"] not in SCHEDULES:
         raise RecipeError(f"{source}: train.lr_schedule must be one of {', '.join(SCHEDULES)}")
     for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "train.checkpoint_every",

@@ -24,14 +24,16 @@ from ..inject import inject
 from ..launcher import DistInfo, init_distributed
 from ..parallel.ddp import setup_ddp
 from ..parallel.engine import setup_none
+from ..parallel.fsdp import setup_fsdp1, setup_fsdp2
 from . import builtin
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
 from .config import RecipeError, adapter_config, check_world
 from .data import TextData, global_batch_indices, micro_batches, read_jsonl
 
 # parallel.strategy -> setup function (dist_adapters/parallel/); engines register here as they land.
-STRATEGIES = {"none": setup_none, "ddp": setup_ddp}
-PLANNED = {"fsdp1": 5, "fsdp2": 5, "zero1": 6, "zero2": 6, "zero3": 6, "tp": 7, "fsdp2_tp": 7}
+STRATEGIES = {"none": setup_none, "ddp": setup_ddp, "fsdp1": setup_fsdp1, "fsdp2": setup_fsdp2}
+PLANNED = {"zero1": 6, "zero2": 6, "zero3": 6, "tp": 7, "fsdp2_tp": 7}
+NEEDS_PROCESS_GROUP = {"ddp", "fsdp1", "fsdp2"}  # a world of 1 still gets a (local) group
 
 
 def preflight(cfg: dict, world_size: int) -> list[str]:
@@ -91,7 +93,7 @@ def _lr_at(step: int, train: dict) -> float:
 
 
 def _all_reduce_sum(value: torch.Tensor, dist: DistInfo) -> torch.Tensor:
-    if dist.world_size > 1:
+    if torch.distributed.is_initialized():
         torch.distributed.all_reduce(value)
     return value
 
@@ -109,12 +111,13 @@ def train(cfg: dict) -> dict:
     """Run the recipe in this process (one rank of the job). Returns a summary on every rank."""
     from tqdm import tqdm
 
-    dist = init_distributed(cfg["launch"]["timeout_minutes"])
+    dist = init_distributed(cfg["launch"]["timeout_minutes"],
+                            need_group=cfg["parallel"]["strategy"] in NEEDS_PROCESS_GROUP)
     try:
         texts = preflight(cfg, dist.world_size)
         return _train(cfg, dist, texts, tqdm)
     finally:
-        if dist.world_size > 1 and torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
@@ -137,7 +140,7 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
     def make_optimizer(params):
         return torch.optim.AdamW(params, lr=tr["lr"], weight_decay=tr["weight_decay"])
 
-    engine = STRATEGIES[cfg["parallel"]["strategy"]](model, make_optimizer, dist)
+    engine = STRATEGIES[cfg["parallel"]["strategy"]](model, make_optimizer, dist, cfg["parallel"])
     data = TextData(texts, tokenizer, cfg["data"]["seq_len"])
     start = 0
     if tr["resume_from"]:
