@@ -156,3 +156,12 @@ def test_trainable_tokens_none_world1_equals_ddp_world2(tmp_path):
     diff = max_adapter_diff(tmp_path / "one", tmp_path / "two")
     print(f"max |adapter diff| with trainable tokens, none@1 vs ddp@2: {diff:.2e}")
     assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(os.path.dirname(DEMO))) if f.endswith(".yaml")
+                                        and f != "accelerate_fsdp.yaml"))
+def test_shipped_configs_are_valid(name):
+    from dist_adapters.recipe.config import load_recipe
+
+    cfg = load_recipe(os.path.join(os.path.dirname(DEMO), name))
+    assert cfg["parallel"]["strategy"] in ("none", "ddp", "fsdp1", "fsdp2")
