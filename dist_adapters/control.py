@@ -22,9 +22,12 @@ _WRAPPER_NAMES = {"DistributedDataParallel", "DataParallel", "DeepSpeedEngine", 
                   "FullyShardedDataParallel"}
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP / DeepSpeedEngine wrappers."""
+def unwrap(model: nn.Module, keep_fsdp_root: bool = False) -> nn.Module:
+    """The user's model inside DDP / DeepSpeedEngine / FSDP1 wrappers. ``keep_fsdp_root``: stop
+    at an FSDP1 root, which the engine's gathers need (its units own the sharded storage)."""
     while type(model).__name__ in _WRAPPER_NAMES and isinstance(getattr(model, "module", None), nn.Module):
+        if keep_fsdp_root and type(model).__name__ == "FullyShardedDataParallel":
+            break
         model = model.module
     return model
 

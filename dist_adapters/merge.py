@@ -19,16 +19,18 @@ from .parallel.gather import full_weights
 
 def merge(model: nn.Module, adapter_names: Optional[list[str]] = None) -> nn.Module:
     """Add the active adapters (or ``adapter_names``) into the base weights; forward then skips them."""
+    root = unwrap(model, keep_fsdp_root=True)
     for _, layer in adapter_layers(model):
-        with full_weights(layer, model):
+        with full_weights(layer, root):
             layer.merge(adapter_names)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtract every merged adapter from the base weights."""
+    root = unwrap(model, keep_fsdp_root=True)
     for _, layer in adapter_layers(model):
-        with full_weights(layer, model):
+        with full_weights(layer, root):
             layer.unmerge()
     return model
 
@@ -40,9 +42,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     ``merge=False``: the original base modules come back unchanged.
     Returns the unwrapped model (the same object, modified in place).
     """
-    inner = unwrap(model)
+    inner, root = unwrap(model), unwrap(model, keep_fsdp_root=True)
     for name, layer in list(adapter_layers(inner)):
-        with full_weights(layer, model):
+        with full_weights(layer, root):
             plain = layer.unloaded(merge)
         parent_name, _, child = name.rpartition(".")
         setattr(inner.get_submodule(parent_name) if parent_name else inner, child, plain)

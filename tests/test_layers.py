@@ -155,3 +155,25 @@ def test_cli_version():
     out = subprocess.run([sys.executable, "-m", "dist_adapters.cli", "--version"], check=True,
                          capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == f"dist-adapters {da.__version__}"
+
+
+def test_engine_wrapper_names_do_not_leak_into_saved_keys(tmp_path):
+    """A DDP-wrapped model (one-process gloo group) saves exactly the plain model's keys and
+    values, biases included (bias='all' reads parameter names)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    plain = da.inject(tiny_gpt2(), da.LoraConfig(r=4, target_modules=["c_attn"], bias="all"))
+    randomize_trainable(plain)
+    expected = da.adapter_state_dict(plain)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(plain)
+        got = da.adapter_state_dict(wrapped)
+        da.save_adapter(wrapped, str(tmp_path))
+        da.merge(wrapped)
+        da.unmerge(wrapped)
+    finally:
+        dist.destroy_process_group()
+    assert sorted(got) == sorted(expected) and any(k.endswith("ln_1.bias") for k in got)
+    assert all(torch.equal(got[k], expected[k]) for k in got)

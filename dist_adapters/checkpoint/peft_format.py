@@ -114,6 +114,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
     Collective under FSDP / DTensor engines: every rank must call it; each rank gets the tensors.
     Only adapter tensors are gathered, one unit or tensor at a time."""
+    model = unwrap(model, keep_fsdp_root=True)  # names without DDP's "module."; FSDP1 root kept
     config = get_config(model, adapter_name)
     prefix = _token_prefix(config)
     biases = _bias_keys(model, config)
@@ -203,7 +204,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     tied = {clean_name(name): layer_name[id(layer._tokens[0])] for name, layer in adapter_layers(inner)
             if isinstance(layer, TiedTokensHead)}  # head module -> its embedding module
     prefix = _token_prefix(get_config(inner, adapter_name))
-    names = {clean_name(n) for n, _ in model.named_parameters()}
+    names = {clean_name(n) for n, _ in unwrap(model, keep_fsdp_root=True).named_parameters()}
     incoming: dict[str, tuple[str, torch.Tensor]] = {}  # our clean name -> (file key, tensor)
     duplicates: list[tuple[str, torch.Tensor, str]] = []
     for key, tensor in tensors.items():

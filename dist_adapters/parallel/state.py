@@ -45,8 +45,10 @@ def is_dtensor(t) -> bool:
 
 def iter_params(model: nn.Module, wanted: Callable[[str], bool], writeback: bool = False
                 ) -> Iterator[tuple[str, nn.Parameter]]:
+    from ..control import unwrap
     from .fsdp import fsdp1_adapter_params, is_fsdp1
 
+    model = unwrap(model, keep_fsdp_root=True)  # DDP / DeepSpeed add a "module." prefix
     if is_fsdp1(model):
         for name, p in fsdp1_adapter_params(model, writeback=writeback):
             if wanted(name):
