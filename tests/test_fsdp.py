@@ -130,3 +130,17 @@ def test_hf_trainer_with_accelerate_fsdp_config(tmp_path):
     with torch.no_grad():
         assert (theirs(input_ids=input_ids()).logits - ours.eval()(input_ids=input_ids()).logits).abs().max() <= 1e-5
         assert (ours(input_ids=input_ids()).logits - base_logits).abs().max() > 1e-3  # it trained
+
+
+@pytest.mark.parametrize("strategy", ["fsdp1", "fsdp2"])
+def test_fsdp_mixed_precision_bf16_compute(tmp_path, strategy):
+    """parallel.mixed_precision: bfloat16 computes and reduces in bf16 over fp32 weights; the
+    adapter still trains and is saved in fp32."""
+    res = cli("train", DEMO, "--set", *small(tmp_path, **{"parallel.strategy": strategy, "launch.nproc_per_node": 2,
+                                                          "parallel.mixed_precision": "bfloat16", "train.steps": 6}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < 0.9 * rows[0]["loss"]
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(tmp_path / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
