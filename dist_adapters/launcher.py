@@ -61,6 +61,7 @@ def init_distributed(timeout_minutes: float = 30, need_group: bool = False) -> D
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
     elif need_group and not dist.is_initialized():
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it even for a single process
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)

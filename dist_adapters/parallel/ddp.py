@@ -28,5 +28,5 @@ class DDPEngine(Engine):
         return nullcontext() if last_micro_step else self.model.no_sync()
 
 
-def setup_ddp(model: nn.Module, make_optimizer: MakeOptimizer, dist, parallel: dict) -> Engine:
+def setup_ddp(model: nn.Module, make_optimizer: MakeOptimizer, dist, cfg: dict, accumulation: int) -> Engine:
     return DDPEngine(model, make_optimizer, dist)

@@ -3,7 +3,7 @@
 An ``Engine`` owns the model as the strategy wraps it and the optimizer, and knows how to run a
 backward pass (with gradient accumulation), take a step, and save or restore the optimizer in a
 training checkpoint. Each strategy is one function in this package, ``setup_<name>(model,
-make_optimizer, dist, parallel_config) -> Engine``, listed in the recipe's strategy table; the training loop
+make_optimizer, dist, recipe_config, accumulation_steps) -> Engine``, listed in the recipe's strategy table; the training loop
 never asks which strategy it runs.
 """
 
@@ -67,6 +67,6 @@ class Engine:
         self.optimizer.load_state_dict(state)
 
 
-def setup_none(model: nn.Module, make_optimizer: MakeOptimizer, dist, parallel: dict) -> Engine:
+def setup_none(model: nn.Module, make_optimizer: MakeOptimizer, dist, cfg: dict, accumulation: int) -> Engine:
     """Strategy ``none``: one process, the model as it is."""
     return Engine(model.to(dist.device), make_optimizer, dist)

@@ -260,13 +260,15 @@ class FSDP2Engine(_ShardedEngine):
         return nullcontext()
 
 
-def setup_fsdp1(model, make_optimizer, dist, parallel: dict) -> Engine:
+def setup_fsdp1(model, make_optimizer, dist, cfg: dict, accumulation: int) -> Engine:
+    parallel = cfg["parallel"]
     return FSDP1Engine(model, make_optimizer, dist, use_orig_params=parallel["use_orig_params"],
                        activation_checkpointing=parallel["activation_checkpointing"],
                        mixed_precision=_dtype(parallel["mixed_precision"]))
 
 
-def setup_fsdp2(model, make_optimizer, dist, parallel: dict) -> Engine:
+def setup_fsdp2(model, make_optimizer, dist, cfg: dict, accumulation: int) -> Engine:
+    parallel = cfg["parallel"]
     return FSDP2Engine(model, make_optimizer, dist, activation_checkpointing=parallel["activation_checkpointing"],
                        mixed_precision=_dtype(parallel["mixed_precision"]))
 

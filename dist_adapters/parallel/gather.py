@@ -9,8 +9,10 @@ full, ordinary tensors, and in-place writes to them reach the engine's own stora
   (all-gather of that unit; the local shard is updated on exit).
 - DTensor (FSDP2, tensor parallel): each DTensor parameter of ``layer`` is swapped for its full
   tensor (``full_tensor``: all-gather) and written back into its shards on exit.
-Every rank must enter for the same layers in the same order. Engines with other storage
-(ZeRO-3) register a handler with ``register_gather``.
+- DeepSpeed ZeRO-3: ``GatheredParameters(modifier_rank=0)`` over ``layer``'s parameters (rank 0's
+  writes are broadcast and re-partitioned on exit).
+Every rank must enter for the same layers in the same order. Other engines register a handler
+with ``register_gather``.
 """
 
 from __future__ import annotations
@@ -65,15 +67,19 @@ def _fsdp1_full(layer: nn.Module, root: nn.Module):
     return fsdp1_full_params(root, layer, writeback=True)
 
 
+def _has_zero3(layer: nn.Module, root: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in layer.parameters())
+
+
+def _zero3_full(layer: nn.Module, root: nn.Module):
+    from .deepspeed import gathered
+
+    return gathered(list(layer.parameters()), modify=True)
+
+
 register_gather(_has_dtensor, _dtensor_full)
 register_gather(_is_fsdp1, _fsdp1_full)
-
-
-def _unknown_sharding(module: nn.Module) -> Optional[str]:
-    for p in module.parameters():
-        if hasattr(p, "ds_shape") or hasattr(p, "ds_id"):
-            return "DeepSpeed ZeRO-3"
-    return None
+register_gather(_has_zero3, _zero3_full)
 
 
 @contextmanager
@@ -83,8 +89,4 @@ def full_weights(layer: nn.Module, root: Optional[nn.Module] = None) -> Iterator
             with context(layer, root):
                 yield layer
             return
-    engine = _unknown_sharding(layer)
-    if engine is not None:
-        raise NotImplementedError(f"{type(layer).__name__} holds {engine} partitioned parameters and no gather "
-                                  "handler for that engine is registered")
-    yield layer
+    yield layer  # a plain module: its weights are already full

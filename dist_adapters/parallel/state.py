@@ -54,10 +54,16 @@ def iter_params(model: nn.Module, wanted: Callable[[str], bool], writeback: bool
             if wanted(name):
                 yield name, p
         return
+    from .deepspeed import gathered, is_deepspeed_param
+
     for name, p in model.named_parameters(remove_duplicate=False):
         name = clean_name(name)
         if wanted(name):
-            yield name, p
+            if is_deepspeed_param(p):  # ZeRO-3: all-gather this parameter only, re-partition after
+                with gathered([p], modify=writeback):
+                    yield name, p
+            else:
+                yield name, p
 
 
 def read_full(p: torch.Tensor) -> torch.Tensor:
@@ -70,7 +76,11 @@ def full_shape(p: torch.Tensor) -> tuple:
 
 @torch.no_grad()
 def write_full(p: torch.Tensor, value: torch.Tensor) -> None:
-    if is_dtensor(p):
+    from .deepspeed import is_deepspeed_param, set_full
+
+    if is_deepspeed_param(p):
+        set_full(p, value)
+    elif is_dtensor(p):
         from torch.distributed.tensor import distribute_tensor
 
         p.copy_(distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements))

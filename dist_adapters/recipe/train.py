@@ -24,6 +24,7 @@ from ..inject import inject
 from ..launcher import DistInfo, init_distributed
 from ..parallel.ddp import setup_ddp
 from ..parallel.engine import setup_none
+from ..parallel.deepspeed import setup_zero1, setup_zero2, setup_zero3
 from ..parallel.fsdp import setup_fsdp1, setup_fsdp2
 from . import builtin
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
@@ -31,9 +32,10 @@ from .config import RecipeError, adapter_config, check_world
 from .data import TextData, global_batch_indices, micro_batches, read_jsonl
 
 # parallel.strategy -> setup function (dist_adapters/parallel/); engines register here as they land.
-STRATEGIES = {"none": setup_none, "ddp": setup_ddp, "fsdp1": setup_fsdp1, "fsdp2": setup_fsdp2}
-PLANNED = {"zero1": 6, "zero2": 6, "zero3": 6, "tp": 7, "fsdp2_tp": 7}
-NEEDS_PROCESS_GROUP = {"ddp", "fsdp1", "fsdp2"}  # a world of 1 still gets a (local) group
+STRATEGIES = {"none": setup_none, "ddp": setup_ddp, "fsdp1": setup_fsdp1, "fsdp2": setup_fsdp2,
+              "zero1": setup_zero1, "zero2": setup_zero2, "zero3": setup_zero3}
+PLANNED = {"tp": 7, "fsdp2_tp": 7}
+NEEDS_PROCESS_GROUP = set(STRATEGIES) - {"none"}  # a world of 1 still gets a (local) group
 
 
 def preflight(cfg: dict, world_size: int) -> list[str]:
@@ -140,7 +142,8 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
     def make_optimizer(params):
         return torch.optim.AdamW(params, lr=tr["lr"], weight_decay=tr["weight_decay"])
 
-    engine = STRATEGIES[cfg["parallel"]["strategy"]](model, make_optimizer, dist, cfg["parallel"])
+    accumulation = check_world(cfg, dist.world_size)
+    engine = STRATEGIES[cfg["parallel"]["strategy"]](model, make_optimizer, dist, cfg, accumulation)
     data = TextData(texts, tokenizer, cfg["data"]["seq_len"])
     start = 0
     if tr["resume_from"]:

@@ -1,0 +1,192 @@
+"""DeepSpeed ZeRO-1/2/3 with adapters: gathers, master weights, and the recipe engine.
+
+ZeRO-3 partitions every parameter across ranks (``p.shape`` may be empty, the real shape is
+``p.ds_shape``); ZeRO-1/2 partition the optimizer state (and gradients), keeping fp32 master
+copies of the trainable parameters in the optimizer. So:
+
+- reading a full weight (save, merge, trainable-token init) gathers it with
+  ``deepspeed.zero.GatheredParameters`` (an all-gather of those parameters only; every rank
+  enters). Writing one uses ``modifier_rank=0``: rank 0's values are broadcast and re-partitioned
+  on exit.
+- writing a *trainable* parameter after ``deepspeed.initialize`` also goes through
+  ``safe_set_full_fp32_param``: otherwise the next optimizer step copies the old fp32 master back
+  over it.
+
+Collectives in training are DeepSpeed's own: reduce-scatter (ZeRO-2/3) or all-reduce (ZeRO-1) of
+the adapter gradients, all-gather of ZeRO-3 partitions around each module's forward and backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .engine import Engine, MakeOptimizer
+
+# The defaults of parallel.deepspeed_config: null (configs/zero{1,2,3}.json hold the same).
+DEFAULT_CONFIGS = {
+    stage: {"zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})},
+            "zero_allow_untested_optimizer": True}
+    for stage in (1, 2, 3)
+}
+
+
+def is_zero3_param(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def is_deepspeed_param(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+@contextmanager
+def gathered(params: list, modify: bool = False) -> Iterator[None]:
+    """Full ZeRO-3 parameters inside; with ``modify`` rank 0's changes are kept on exit."""
+    zero3 = [p for p in params if is_zero3_param(p)]
+    if not zero3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0 if modify else None):
+        yield
+
+
+@torch.no_grad()
+def set_full(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Write a full value into a DeepSpeed parameter (inside ``gathered(..., modify=True)`` for
+    ZeRO-3) and into its fp32 master copy, so the next step keeps it."""
+    p.data.copy_(value.to(p.device, p.dtype).view(p.data.shape) if p.data.numel() == value.numel()
+                 else value.to(p.device, p.dtype))
+    if p.requires_grad and (hasattr(p, "_hp_mapping") or getattr(p, "_z3_optimizer", None) is not None):
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(p, value.to(torch.float32))
+
+
+def zero_config(parallel: dict, stage: int, train: dict, world_size: int, accumulation: int) -> dict:
+    """The user's JSON (or the default for ``stage``) with the batch keys the recipe owns."""
+    if parallel["deepspeed_config"]:
+        with open(parallel["deepspeed_config"], encoding="utf-8") as fh:
+            config = json.load(fh)
+    else:
+        config = copy.deepcopy(DEFAULT_CONFIGS[stage])
+    config.setdefault("zero_optimization", {})["stage"] = stage
+    config.setdefault("zero_allow_untested_optimizer", True)
+    config["train_micro_batch_size_per_gpu"] = train["micro_batch_size"]
+    config["gradient_accumulation_steps"] = accumulation
+    config["train_batch_size"] = train["micro_batch_size"] * accumulation * world_size
+    if train["max_grad_norm"]:
+        config["gradient_clipping"] = train["max_grad_norm"]
+    return config
+
+
+class ZeroEngine(Engine):
+    """The recipe's engine over ``deepspeed.initialize``. DeepSpeed counts micro steps itself:
+    ``engine.step()`` follows every backward and applies the optimizer at the accumulation
+    boundary (with the clipping of the config)."""
+
+    def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer, dist, config: dict) -> None:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        import deepspeed
+
+        self.dist = dist
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model.to(dist.device), optimizer=optimizer,
+                                                                config=config)
+
+    def accumulating(self, last_micro_step: bool):
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the recipe already normalises the loss over the global batch: no 1/accumulation here
+        self.model.backward(loss, scale_wrt_gas=False)
+        self.model.step()
+
+    def step(self, max_grad_norm) -> float:
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        from .state import clean_name
+
+        return [(clean_name(n), p) for n, p in self.model.module.named_parameters() if p.requires_grad]
+
+    def save_optimizer(self, directory: str) -> None:
+        """DeepSpeed's own checkpoint (resumed by DeepSpeed at the same world size), plus the
+        adapter's full fp32 Adam moments in ``adapter_optimizer.pt`` (small: the adapter's size),
+        which resume at any world size. Every rank enters (the moments are all-gathered)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        self.model.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state")
+        self._map_states()
+        moments = {name: {key: safe_get_full_optimizer_state(p, key).detach().cpu().clone()
+                          for key in ("exp_avg", "exp_avg_sq")} for name, p in self._trainable()}
+        inner = self.optimizer.optimizer
+        step = next(float(st["step"]) for st in inner.state.values() if "step" in st)
+        if self.dist.is_main:
+            torch.save({"step": step, "moments": moments}, os.path.join(directory, "adapter_optimizer.pt"))
+
+    def load_optimizer(self, directory: str) -> None:
+        with open(os.path.join(directory, "trainer_state.json"), encoding="utf-8") as fh:
+            saved_world = json.load(fh).get("world_size")
+        if saved_world == self.dist.world_size:
+            path = os.path.join(directory, "deepspeed")
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"{directory}: no deepspeed/ checkpoint (written by a zero* strategy)")
+            self.model.load_checkpoint(path, tag="state", load_module_strict=False)
+            return
+        self._load_moments(os.path.join(directory, "adapter_optimizer.pt"))
+
+    def _map_states(self) -> None:
+        """Make the full-state accessors work: Adam's state exists for every flat fp32 partition
+        (created as zeros before the first step), and under ZeRO-1/2 each parameter's fragment
+        points into it (DeepSpeed maps this only when loading a universal checkpoint)."""
+        inner = self.optimizer.optimizer
+        # ZeRO-3 hands its flat fp32 partitions to the optimizer only inside step()
+        flats = list(getattr(self.optimizer, "fp32_partitioned_groups_flat", None) or
+                     [flat for group in inner.param_groups for flat in group["params"]])
+        for flat in flats:
+            if not inner.state.get(flat):
+                inner.state[flat] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(flat),
+                                     "exp_avg_sq": torch.zeros_like(flat)}
+        if hasattr(self.optimizer, "bit16_groups"):
+            for i, group in enumerate(inner.param_groups):
+                flat = group["params"][0]
+                for lp in self.optimizer.bit16_groups[i]:
+                    if getattr(lp, "_hp_mapping", None) is not None:
+                        lp._hp_mapping.set_optim_state_fragment(flat, inner.state[flat])
+
+    def _load_moments(self, path: str) -> None:
+        """Another world size: DeepSpeed's partitions do not fit; set the full moments instead
+        (the fp32 master weights were set when the adapter was loaded)."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        inner = self.optimizer.optimizer
+        self._map_states()
+        for name, p in self._trainable():
+            if name not in data["moments"]:
+                raise ValueError(f"{path}: no optimizer state for {name!r}")
+            for key, value in data["moments"][name].items():
+                safe_set_full_optimizer_state(p, value.to(p.device), key)
+        for state in inner.state.values():
+            state["step"] = torch.tensor(data["step"])
+
+
+def _setup(stage: int):
+    def setup(model, make_optimizer, dist, cfg: dict, accumulation: int) -> Engine:
+        config = zero_config(cfg["parallel"], stage, cfg["train"], dist.world_size, accumulation)
+        return ZeroEngine(model, make_optimizer, dist, config)
+
+    setup.__name__ = f"setup_zero{stage}"
+    return setup
+
+
+setup_zero1, setup_zero2, setup_zero3 = _setup(1), _setup(2), _setup(3)
