@@ -18,15 +18,6 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """The reference: strategy none, 1 process, micro batch 2 (4 accumulation steps), LoRA + tokens."""
-    out = tmp_path_factory.mktemp("single")
-    res = cli("train", DEMO, "--set", *small(out, **{"train.micro_batch_size": 2}))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
 def fsdp2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     res = cli("train", DEMO, "--set", *small(out, **{"parallel.strategy": "fsdp2", "launch.nproc_per_node": 2}))
@@ -39,7 +30,7 @@ def fsdp2_run(tmp_path_factory):
     ("fsdp1", {"parallel.use_orig_params": "true", "parallel.activation_checkpointing": "true"}),
     ("fsdp2", {}),
 ], ids=["fsdp1-flat", "fsdp1-orig-params-checkpointing", "fsdp2"])
-def test_recipe_under_fsdp_equals_single_process(single, fsdp2_run, tmp_path, strategy, extra):
+def test_recipe_under_fsdp_equals_single_process(single_run, fsdp2_run, tmp_path, strategy, extra):
     if strategy == "fsdp2" and not extra:
         out = fsdp2_run
     else:
@@ -47,7 +38,7 @@ def test_recipe_under_fsdp_equals_single_process(single, fsdp2_run, tmp_path, st
         res = cli("train", DEMO, "--set", *small(out, **{"parallel.strategy": strategy,
                                                          "launch.nproc_per_node": 2, **extra}))
         assert res.returncode == 0, res.stderr[-3000:]
-    diff = max_adapter_diff(single, out)
+    diff = max_adapter_diff(single_run, out)
     print(f"max |adapter diff| {strategy} {extra} @2 vs none @1: {diff:.2e}")
     assert diff <= 1e-4
     keys = json.loads((out / "adapter" / "adapter_config.json").read_text())
