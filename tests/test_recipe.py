@@ -164,4 +164,4 @@ def test_shipped_configs_are_valid(name):
     from dist_adapters.recipe.config import load_recipe
 
     cfg = load_recipe(os.path.join(os.path.dirname(DEMO), name))
-    assert cfg["parallel"]["strategy"] in ("none", "ddp", "fsdp1", "fsdp2")
+    assert cfg["parallel"]["strategy"] in ("none", "ddp", "fsdp1", "fsdp2", "zero1", "zero2", "zero3")

@@ -70,6 +70,17 @@ def set_full(p: torch.Tensor, value: torch.Tensor) -> None:
         safe_set_full_fp32_param(p, value.to(torch.float32))
 
 
+def partitioned_loading(config: dict):
+    """Keep the returned object alive while calling ``from_pretrained``: transformers then builds
+    the model under ``deepspeed.zero.Init`` and loads each weight into its partitions."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")  # adopts our group
+    return HfDeepSpeedConfig(config)
+
+
 def zero_config(parallel: dict, stage: int, train: dict, world_size: int, accumulation: int) -> dict:
     """The user's JSON (or the default for ``stage``) with the batch keys the recipe owns."""
     if parallel["deepspeed_config"]:

@@ -68,7 +68,13 @@ def preflight(cfg: dict, world_size: int) -> list[str]:
     return read_jsonl(cfg["data"]["path"] or builtin.DATA_FILE)
 
 
-def _load_model(cfg: dict):
+def zero_config_for(cfg: dict, world_size: int, accumulation: int) -> dict:
+    from ..parallel.deepspeed import zero_config
+
+    return zero_config(cfg["parallel"], 3, cfg["train"], world_size, accumulation)
+
+
+def _load_model(cfg: dict, accumulation: int, world_size: int):
     dtype = getattr(torch, cfg["model"]["dtype"])
     path = cfg["model"]["path"]
     if path is None:
@@ -76,9 +82,16 @@ def _load_model(cfg: dict):
         return builtin.builtin_model(cfg["train"]["seed"], tokenizer, dtype), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    partitioned = None
+    if cfg["parallel"]["strategy"] == "zero3":
+        # load straight into ZeRO-3 partitions (zero.Init): no rank holds the whole model
+        from ..parallel.deepspeed import partitioned_loading
+
+        partitioned = partitioned_loading(zero_config_for(cfg, world_size, accumulation))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model.__dict__["_da_keep"] = partitioned  # transformers reads it through a weak reference
     except (OSError, ValueError) as exc:
         raise RecipeError(f"model.path {path!r}: {' '.join(str(exc).split())[:300]}") from None
     return model, tokenizer
@@ -126,7 +139,8 @@ def train(cfg: dict) -> dict:
 def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
     tr = cfg["train"]
     out = tr["output_dir"]
-    model, tokenizer = _load_model(cfg)
+    accumulation = check_world(cfg, dist.world_size)
+    model, tokenizer = _load_model(cfg, accumulation, dist.world_size)
     adapter_cfg = adapter_config(cfg)
     if cfg["model"]["path"] is None:
         base_dir = os.path.abspath(os.path.join(out, "base_model"))
@@ -142,7 +156,6 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
     def make_optimizer(params):
         return torch.optim.AdamW(params, lr=tr["lr"], weight_decay=tr["weight_decay"])
 
-    accumulation = check_world(cfg, dist.world_size)
     engine = STRATEGIES[cfg["parallel"]["strategy"]](model, make_optimizer, dist, cfg, accumulation)
     data = TextData(texts, tokenizer, cfg["data"]["seq_len"])
     start = 0

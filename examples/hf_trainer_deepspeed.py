@@ -1,0 +1,59 @@
+"""transformers' Trainer on a model with dist_adapters' LoRA, sharded by accelerate's DeepSpeed ZeRO-3:
+
+    accelerate launch --config_file configs/accelerate_deepspeed.yaml examples/hf_trainer_deepspeed.py --out runs/hf
+
+The Trainer and accelerate do the sharding and the loop; dist_adapters supplies the adapter
+layers (injected before the Trainer wraps the model) and the collective PEFT save at the end.
+accelerate runs DeepSpeed on CPU too (DS_ACCELERATOR=cpu, gloo).
+"""
+
+import argparse
+import os
+
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+from transformers import Trainer, TrainingArguments
+
+import dist_adapters as da
+from dist_adapters.recipe.builtin import DATA_FILE, builtin_model, builtin_tokenizer
+from dist_adapters.recipe.data import TextData, read_jsonl
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--out", default="runs/hf_trainer")
+ap.add_argument("--steps", type=int, default=10)
+args = ap.parse_args()
+
+tokenizer = builtin_tokenizer()
+model = builtin_model(seed=0, tokenizer=tokenizer)
+base_dir = os.path.join(args.out, "base_model")
+if int(os.environ.get("RANK", "0")) == 0:
+    model.save_pretrained(base_dir)
+torch.manual_seed(0)
+da.inject(model, da.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                               trainable_token_indices=[256, 257, 259], base_model_name_or_path=base_dir))
+
+data = TextData(read_jsonl(DATA_FILE), tokenizer, seq_len=32)
+
+
+class Samples(torch.utils.data.Dataset):
+    def __len__(self):
+        return len(data)
+
+    def __getitem__(self, i):
+        b = data.batch([i])
+        return {"input_ids": b.input_ids[0], "attention_mask": b.attention_mask[0], "labels": b.labels[0]}
+
+
+trainer = Trainer(model=model, train_dataset=Samples(), args=TrainingArguments(
+    output_dir=args.out, per_device_train_batch_size=4, max_steps=args.steps, learning_rate=1e-2,
+    logging_steps=5, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=0))
+trainer.train()
+# every rank calls; only adapter tensors are gathered; rank 0 writes the PEFT directory
+da.save_adapter(trainer.model, os.path.join(args.out, "adapter"))
+sharded = any(hasattr(p, "ds_id") for p in trainer.model.parameters())  # ZeRO-3 partitions
+if trainer.is_world_process_zero():
+    kind = trainer.accelerator.state.distributed_type
+    print(f"world size {trainer.args.world_size}, accelerate distributed type {kind.value}, "
+          f"parameters partitioned by ZeRO-3: {sharded}")
+    print(f"adapter written to {os.path.join(args.out, 'adapter')}")
