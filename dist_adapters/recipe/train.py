@@ -130,10 +130,17 @@ def train(cfg: dict) -> dict:
                             need_group=cfg["parallel"]["strategy"] in NEEDS_PROCESS_GROUP)
     try:
         texts = preflight(cfg, dist.world_size)
-        return _train(cfg, dist, texts, tqdm)
-    finally:
+        summary = _train(cfg, dist, texts, tqdm)
+    except BaseException:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        raise
+    if torch.distributed.is_initialized():
+        # leave together: a rank tearing its group down while another still talks to it can
+        # abort in the communication threads ("terminate called without an active exception")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return summary
 
 
 def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
