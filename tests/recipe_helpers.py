@@ -38,6 +38,25 @@ def adapter_tensors(run_dir) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(run_dir, "adapter", "adapter_model.safetensors"))
 
 
+def assert_peft_reproduces(run_dir) -> None:
+    """peft on ``run_dir/base_model`` + ``run_dir/adapter`` gives our loader's logits (1e-5), and
+    the adapter really changed the model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import dist_adapters as da
+    from helpers import input_ids
+
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "base_model")).eval()
+    with torch.no_grad():
+        base_logits = base(input_ids=input_ids()).logits
+        theirs = PeftModel.from_pretrained(base, os.path.join(run_dir, "adapter")).eval()
+        ours = da.load_adapter(AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "base_model")),
+                               os.path.join(run_dir, "adapter")).eval()
+        assert (theirs(input_ids=input_ids()).logits - ours(input_ids=input_ids()).logits).abs().max() <= 1e-5
+        assert (ours(input_ids=input_ids()).logits - base_logits).abs().max() > 1e-3
+
+
 def max_adapter_diff(a, b) -> float:
     ta, tb = adapter_tensors(a), adapter_tensors(b)
     assert sorted(ta) == sorted(tb)

@@ -1,10 +1,14 @@
-"""transformers' Trainer on a model with dist_adapters' LoRA, sharded by accelerate's DeepSpeed ZeRO-3:
+"""transformers' Trainer on a model with dist_adapters' LoRA + trainable tokens, sharded by
+accelerate with either config in configs/:
 
-    accelerate launch --config_file configs/accelerate_deepspeed.yaml examples/hf_trainer_deepspeed.py --out runs/hf
+    accelerate launch --config_file configs/accelerate_deepspeed.yaml examples/hf_trainer.py --out runs/hf
+    accelerate launch --config_file configs/accelerate_fsdp.yaml examples/hf_trainer.py --out runs/hf
 
 The Trainer and accelerate do the sharding and the loop; dist_adapters supplies the adapter
 layers (injected before the Trainer wraps the model) and the collective PEFT save at the end.
-accelerate runs DeepSpeed on CPU too (DS_ACCELERATOR=cpu, gloo).
+DeepSpeed (ZeRO-3) runs on CPU too. accelerate (1.15) turns its FSDP config on only for
+accelerator devices (CUDA, XPU, NPU...): on a CPU-only machine the FSDP command runs the Trainer
+under DDP (MULTI_CPU), which the script reports; for sharded CPU runs use `dist-adapters train`.
 """
 
 import argparse
@@ -51,9 +55,10 @@ trainer = Trainer(model=model, train_dataset=Samples(), args=TrainingArguments(
 trainer.train()
 # every rank calls; only adapter tensors are gathered; rank 0 writes the PEFT directory
 da.save_adapter(trainer.model, os.path.join(args.out, "adapter"))
-sharded = any(hasattr(p, "ds_id") for p in trainer.model.parameters())  # ZeRO-3 partitions
+# FSDP2 shards into DTensors, ZeRO-3 partitions (ds_id); DDP leaves full tensors
+sharded = any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in trainer.model.parameters())
 if trainer.is_world_process_zero():
     kind = trainer.accelerator.state.distributed_type
     print(f"world size {trainer.args.world_size}, accelerate distributed type {kind.value}, "
-          f"parameters partitioned by ZeRO-3: {sharded}")
+          f"parameters sharded: {sharded}")
     print(f"adapter written to {os.path.join(args.out, 'adapter')}")
