@@ -67,6 +67,7 @@ def test_zero3_partitioned_model_inject_save_merge(tmp_path):
     assert got["merge_changed_weight"] > 1e-3 and got["merged_vs_unmerged"] <= 1e-4
     assert got["unmerged_weight_diff"] <= 1e-5 and got["unmerged_vs_before"] <= 1e-5
     assert got["halved_differs"] > 1e-3 and got["after_step_vs_loaded"] == 0.0  # fp32 master updated
+    assert got["unloaded_vs_before"] <= 1e-4 and not got["unloaded_has_lora"]
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert saved["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
     assert all(t.numel() > 0 for t in saved.values())  # no empty placeholders

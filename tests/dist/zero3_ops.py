@@ -82,6 +82,14 @@ engine.step()
 engine.eval()
 with torch.no_grad():
     results["after_step_vs_loaded"] = (engine(input_ids=ids).logits - loaded).abs().max().item()
+# unload: merge under the ZeRO-3 gather and put the base layers back; the engine keeps running
+engine.eval()
+with torch.no_grad():
+    before_unload = engine(input_ids=ids).logits
+da.unload(engine, merge=True)
+with torch.no_grad():
+    results["unloaded_vs_before"] = (engine(input_ids=ids).logits - before_unload).abs().max().item()
+results["unloaded_has_lora"] = any("lora_" in n for n, _ in engine.module.named_parameters())
 if rank == 0:
     with open(result_file, "w") as fh:
         json.dump(results, fh)
