@@ -32,13 +32,6 @@ def unwrap(model: nn.Module, keep_fsdp_root: bool = False) -> nn.Module:
     return model
 
 
-def register_adapter_layer_type(cls: type) -> None:
-    """Later layer families (quantized, tensor-parallel, trainable tokens) register here."""
-    global ADAPTER_LAYER_TYPES
-    if cls not in ADAPTER_LAYER_TYPES:
-        ADAPTER_LAYER_TYPES = (*ADAPTER_LAYER_TYPES, cls)
-
-
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, layer) for every adapter layer, names relative to the unwrapped model."""
     for name, module in unwrap(model).named_modules():

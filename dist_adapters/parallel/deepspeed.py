@@ -62,8 +62,7 @@ def gathered(params: list, modify: bool = False) -> Iterator[None]:
 def set_full(p: torch.Tensor, value: torch.Tensor) -> None:
     """Write a full value into a DeepSpeed parameter (inside ``gathered(..., modify=True)`` for
     ZeRO-3) and into its fp32 master copy, so the next step keeps it."""
-    p.data.copy_(value.to(p.device, p.dtype).view(p.data.shape) if p.data.numel() == value.numel()
-                 else value.to(p.device, p.dtype))
+    p.data.copy_(value.to(p.device, p.dtype))
     if p.requires_grad and (hasattr(p, "_hp_mapping") or getattr(p, "_z3_optimizer", None) is not None):
         from deepspeed.utils import safe_set_full_fp32_param
 

@@ -185,16 +185,6 @@ class _ShardedEngine(Engine):
         torch.distributed.all_reduce(total)
         return total.sqrt().float()
 
-    def step(self, max_grad_norm):
-        norm = self.grad_norm()
-        if max_grad_norm and torch.isfinite(norm) and norm.item() > max_grad_norm:
-            for p in self.trainable_parameters():
-                if p.grad is not None:
-                    p.grad.mul_(max_grad_norm / (norm.item() + 1e-6))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.item()
-
     def save_optimizer(self, directory: str) -> None:
         """Adapter and optimizer as a torch.distributed.checkpoint (resharded on load)."""
         import torch.distributed.checkpoint as dcp
@@ -211,7 +201,7 @@ class _ShardedEngine(Engine):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         if not os.path.isdir(f"{directory}/dcp"):
-            return self._load_plain_optimizer(directory)
+            raise FileNotFoundError(f"{directory}: no dcp/ checkpoint (written by an fsdp1 / fsdp2 run)")
         opts = StateDictOptions(ignore_frozen_params=True)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
         state = {"model": model_sd, "optim": optim_sd}
@@ -221,9 +211,6 @@ class _ShardedEngine(Engine):
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
-
-    def _load_plain_optimizer(self, directory: str) -> None:
-        raise FileNotFoundError(f"{directory}: no dcp/ checkpoint for a sharded strategy")
 
 
 class FSDP1Engine(_ShardedEngine):

@@ -70,10 +70,6 @@ def read_full(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if is_dtensor(p) else p
 
 
-def full_shape(p: torch.Tensor) -> tuple:
-    return tuple(p.shape)  # a DTensor's shape is the global one
-
-
 @torch.no_grad()
 def write_full(p: torch.Tensor, value: torch.Tensor) -> None:
     from .deepspeed import is_deepspeed_param, set_full

@@ -68,12 +68,6 @@ def preflight(cfg: dict, world_size: int) -> list[str]:
     return read_jsonl(cfg["data"]["path"] or builtin.DATA_FILE)
 
 
-def zero_config_for(cfg: dict, world_size: int, accumulation: int) -> dict:
-    from ..parallel.deepspeed import zero_config
-
-    return zero_config(cfg["parallel"], 3, cfg["train"], world_size, accumulation)
-
-
 def _load_model(cfg: dict, accumulation: int, world_size: int):
     dtype = getattr(torch, cfg["model"]["dtype"])
     path = cfg["model"]["path"]
@@ -85,9 +79,9 @@ def _load_model(cfg: dict, accumulation: int, world_size: int):
     partitioned = None
     if cfg["parallel"]["strategy"] == "zero3":
         # load straight into ZeRO-3 partitions (zero.Init): no rank holds the whole model
-        from ..parallel.deepspeed import partitioned_loading
+        from ..parallel.deepspeed import partitioned_loading, zero_config
 
-        partitioned = partitioned_loading(zero_config_for(cfg, world_size, accumulation))
+        partitioned = partitioned_loading(zero_config(cfg["parallel"], 3, cfg["train"], world_size, accumulation))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
