@@ -138,7 +138,11 @@ def test_bad_input_gives_one_line_errors(tmp_path):
                     "train.output_dir", "a-file/out", "not writable")
     _one_line_error(cli("train", DEMO, "--set", "train.micro_batch_size=3"),
                     "global_batch_size (16) must be a multiple of train.micro_batch_size (3)")
-    _one_line_error(cli("train", DEMO, "--set", "parallel.strategy=tp"), "not implemented yet (issue 7)")
+    _one_line_error(cli("train", DEMO, "--set", "parallel.strategy=tp"),
+                    "parallel.tp_size (1) must equal the world size (2)")
+    _one_line_error(cli("train", DEMO, "--set", "parallel.tp_size=2"), "parallel.tp_size 2 needs parallel.strategy tp")
+    _one_line_error(cli("train", DEMO, "--set", "parallel.strategy=fsdp2_tp", "parallel.tp_size=3"),
+                    "parallel.tp_size (3) must divide the world size (2)")
     _one_line_error(cli("train", DEMO, "--set", f"train.resume_from={tmp_path}/none"), "does not exist")
 
 

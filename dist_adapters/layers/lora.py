@@ -25,6 +25,42 @@ from typing import Iterable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def local_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A replicated tensor-parallel weight (DTensor ``Replicate``) as the plain tensor every rank
+    holds; plain weights as they are. The gradient of every rank's copy is complete (each rank
+    computes the same thing), so no collective runs in forward or backward."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
+def tp_linear(x: torch.Tensor, weight: "DTensor", accumulate: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x @ weight.T (+ accumulate)`` for a LoRA factor sharded by ``parallel/tensor.py``; ``x``,
+    ``accumulate`` and the result are plain (local) tensors, as the base layer's.
+
+    - ``Replicate``: every rank has the whole factor; local math, no collective.
+    - ``Shard(0)`` (lora_B over a column-parallel base): ``x`` is replicated; the result is this
+      rank's slice of the output features. Forward: no collective. Backward: the input gradient
+      is a partial sum per rank and is all-reduced (``from_local(Replicate)``'s backward).
+    - ``Shard(1)`` (lora_A over a row-parallel base): ``x`` is this rank's slice of the input
+      features; the partial products are all-reduced in forward (``Partial -> Replicate``);
+      backward: no collective (each rank takes the replicated gradient's slice).
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    placement = weight.placements[-1]
+    x = x.to(weight.dtype)
+    if isinstance(placement, Replicate):
+        out = F.linear(x, weight.to_local())
+    elif placement == Shard(0):
+        out = F.linear(DTensor.from_local(x, weight.device_mesh, [Replicate()], run_check=False), weight).to_local()
+    elif placement == Shard(1):
+        x = DTensor.from_local(x, weight.device_mesh, [Shard(x.dim() - 1)], run_check=False)
+        out = F.linear(x, weight).redistribute(placements=[Replicate()]).to_local()
+    else:
+        raise NotImplementedError(f"LoRA factor with tensor-parallel placement {weight.placements}")
+    return out if accumulate is None else accumulate + out.to(accumulate.dtype)
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -46,6 +82,8 @@ class LoraFactor(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(self.weight, DTensor):  # tensor parallel (parallel/tensor.py)
+            return tp_linear(x, self.weight, accumulate)
         x = x.to(self.weight.dtype)
         if accumulate is None:
             return F.linear(x, self.weight)
@@ -64,7 +102,8 @@ class EmbeddingFactor(nn.Module):
 
     def forward(self, ids: torch.Tensor, padding_idx=None, max_norm=None, norm_type=2.0,
                 scale_grad_by_freq=False, sparse=False) -> torch.Tensor:
-        return F.embedding(ids, self.weight.T, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+        return F.embedding(ids, local_weight(self.weight).T, padding_idx, max_norm, norm_type, scale_grad_by_freq,
+                           sparse)
 
 
 class AdapterLayer(nn.Module):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import AdapterLayer, _adapter_dtype
+from .lora import AdapterLayer, _adapter_dtype, local_weight
 
 
 class TokenRows(nn.Module):
@@ -49,17 +49,21 @@ class TokenRows(nn.Module):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, mode: str = "embed",
                 scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = local_weight(self.weight)  # replicated under tensor parallel
+        if base_out._is_view():
+            # a tensor-parallel layer's output is a view made by DTensor's to_local, which autograd
+            # forbids changing in place: write into a copy of the activation (never V x d weights)
+            base_out = base_out.clone()
         if mode == "embed":
             pos = torch.searchsorted(self.sorted_indices, x).clamp_(max=len(self.sorted_indices) - 1)
             hit = self.sorted_indices[pos] == x
-            rows = F.embedding(self.order[pos[hit]], self.weight)  # [positions holding a chosen token, d]
+            rows = F.embedding(self.order[pos[hit]], weight)  # [positions holding a chosen token, d]
             if scale is not None:
                 rows = rows * scale.to(rows.dtype)
             # in place: an embedding's backward needs only the ids, never its output
             return base_out.index_put_((hit,), rows.to(base_out.dtype))
         if mode == "logits":
-            extra = F.linear(x.to(self.weight.dtype), self.weight,
-                             None if bias is None else bias[self.indices].to(self.weight.dtype))
+            extra = F.linear(x.to(weight.dtype), weight, None if bias is None else bias[self.indices].to(weight.dtype))
             # in place: the frozen head's backward does not need its own output
             return base_out.index_copy_(-1, self.indices, extra.to(base_out.dtype))
         raise ValueError(f"TokenRows mode must be 'embed' or 'logits', got {mode!r}")

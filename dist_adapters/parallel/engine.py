@@ -27,6 +27,9 @@ class Engine:
         self.dist = dist
         self.model = model
         self.optimizer = make_optimizer(self.trainable_parameters())
+        # which share of the global batch this rank trains on: tensor-parallel ranks of one
+        # model replica see the same data (dp_size = world / tp)
+        self.dp_rank, self.dp_size = dist.rank, dist.world_size
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -230,10 +230,10 @@ class FSDP1Engine(_ShardedEngine):
 
 class FSDP2Engine(_ShardedEngine):
     def __init__(self, model, make_optimizer: MakeOptimizer, dist, activation_checkpointing: bool = False,
-                 mixed_precision=None) -> None:
+                 mixed_precision=None, mesh=None) -> None:
         if activation_checkpointing:
             apply_activation_checkpointing(model)
-        kwargs = {}
+        kwargs = {"mesh": mesh}
         if mixed_precision:
             from torch.distributed.fsdp import MixedPrecisionPolicy
 

@@ -142,10 +142,31 @@ def validate(cfg: dict, source: str) -> None:
     adapter_config(cfg)
 
 
+TENSOR_PARALLEL = ("tp", "fsdp2_tp")
+
+
+def data_parallel_size(cfg: dict, world_size: int) -> int:
+    """How many ranks train on different samples: the world, or world / tp_size under tensor
+    parallel (the ranks of one tensor-parallel group see the same samples)."""
+    strategy, tp = cfg["parallel"]["strategy"], cfg["parallel"]["tp_size"]
+    if strategy not in TENSOR_PARALLEL:
+        if tp != 1:
+            raise RecipeError(f"parallel.tp_size {tp} needs parallel.strategy tp or fsdp2_tp, not {strategy!r}")
+        return world_size
+    if strategy == "tp" and tp != world_size:
+        raise RecipeError(f"parallel.strategy tp runs one model over all ranks: parallel.tp_size ({tp}) must equal "
+                          f"the world size ({world_size}); for data parallel x tensor parallel use fsdp2_tp")
+    if world_size % tp:
+        raise RecipeError(f"parallel.tp_size ({tp}) must divide the world size ({world_size})")
+    return world_size // tp
+
+
 def check_world(cfg: dict, world_size: int) -> int:
     """Gradient-accumulation steps for this world size; errors when the batch does not divide."""
     g, m = cfg["train"]["global_batch_size"], cfg["train"]["micro_batch_size"]
-    if g % (m * world_size):
-        raise RecipeError(f"train.global_batch_size ({g}) must be a multiple of micro_batch_size x world size "
-                          f"({m} x {world_size})")
-    return g // (m * world_size)
+    dp = data_parallel_size(cfg, world_size)
+    if g % (m * dp):
+        what = "world size" if dp == world_size else "data-parallel size (world / tp_size)"
+        raise RecipeError(f"train.global_batch_size ({g}) must be a multiple of micro_batch_size x {what} "
+                          f"({m} x {dp})")
+    return g // (m * dp)

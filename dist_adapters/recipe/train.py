@@ -26,6 +26,7 @@ from ..parallel.ddp import setup_ddp
 from ..parallel.engine import setup_none
 from ..parallel.deepspeed import setup_zero1, setup_zero2, setup_zero3
 from ..parallel.fsdp import setup_fsdp1, setup_fsdp2
+from ..parallel.tensor import setup_fsdp2_tp, setup_tp
 from . import builtin
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
 from .config import RecipeError, adapter_config, check_world
@@ -33,8 +34,8 @@ from .data import TextData, global_batch_indices, micro_batches, read_jsonl
 
 # parallel.strategy -> setup function (dist_adapters/parallel/); engines register here as they land.
 STRATEGIES = {"none": setup_none, "ddp": setup_ddp, "fsdp1": setup_fsdp1, "fsdp2": setup_fsdp2,
-              "zero1": setup_zero1, "zero2": setup_zero2, "zero3": setup_zero3}
-PLANNED = {"tp": 7, "fsdp2_tp": 7}
+              "zero1": setup_zero1, "zero2": setup_zero2, "zero3": setup_zero3,
+              "tp": setup_tp, "fsdp2_tp": setup_fsdp2_tp}
 NEEDS_PROCESS_GROUP = set(STRATEGIES) - {"none"}  # a world of 1 still gets a (local) group
 
 
@@ -42,9 +43,6 @@ def preflight(cfg: dict, world_size: int) -> list[str]:
     """Every check that can fail on user input, run once before any process is launched.
     Returns the data texts (read and validated)."""
     strategy = cfg["parallel"]["strategy"]
-    if strategy in PLANNED:
-        raise RecipeError(f"parallel.strategy {strategy!r} is not implemented yet (issue {PLANNED[strategy]}); "
-                          f"available: {', '.join(STRATEGIES)}")
     if strategy == "none" and world_size > 1:
         raise RecipeError("parallel.strategy 'none' runs one process; use strategy ddp or launch.nproc_per_node: 1")
     launch = cfg["launch"]
@@ -176,19 +174,22 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
                 group["lr"] = lr
             indices = global_batch_indices(step, len(data), tr["global_batch_size"], tr["seed"])
             batches = [data.batch(mb).to(dist.device)
-                       for mb in micro_batches(indices, dist.rank, dist.world_size, tr["micro_batch_size"])]
-            total = _all_reduce_sum(torch.tensor(float(sum(b.target_tokens() for b in batches))), dist).item()
+                       for mb in micro_batches(indices, engine.dp_rank, engine.dp_size, tr["micro_batch_size"])]
+            # sums over all ranks count each sample once per rank that holds it (tp ranks share samples)
+            copies = dist.world_size // engine.dp_size
+            total = _all_reduce_sum(torch.tensor(float(sum(b.target_tokens() for b in batches))), dist).item() / copies
             loss_sum = torch.zeros((), device=dist.device)
             for i, batch in enumerate(batches):
                 with engine.accumulating(last_micro_step=i == len(batches) - 1):
                     logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
                                            ignore_index=-100, reduction="sum")
-                    # DDP averages gradients over ranks: scaling by world/total makes the sum of
-                    # token losses over the global batch / its token count, at any world size.
-                    engine.backward(loss * (dist.world_size / total))
+                    # DDP / FSDP average gradients over the data-parallel ranks: scaling by dp/total
+                    # makes the sum of token losses over the global batch / its token count, at any
+                    # world size (tensor-parallel ranks compute one gradient together, no average)
+                    engine.backward(loss * (engine.dp_size / total))
                     loss_sum += loss.detach()
-            step_loss = (_all_reduce_sum(loss_sum, dist) / total).item()
+            step_loss = (_all_reduce_sum(loss_sum, dist) / copies / total).item()
             grad_norm = engine.step(tr["max_grad_norm"])
             first_loss = step_loss if first_loss is None else first_loss
             last_loss = step_loss
