@@ -167,5 +167,9 @@ def test_trainable_tokens_none_world1_equals_ddp_world2(tmp_path):
 def test_shipped_configs_are_valid(name):
     from dist_adapters.recipe.config import load_recipe
 
+    from dist_adapters.recipe.config import check_world
+    from dist_adapters.recipe.train import STRATEGIES
+
     cfg = load_recipe(os.path.join(os.path.dirname(DEMO), name))
-    assert cfg["parallel"]["strategy"] in ("none", "ddp", "fsdp1", "fsdp2", "zero1", "zero2", "zero3")
+    assert cfg["parallel"]["strategy"] in STRATEGIES
+    assert check_world(cfg, cfg["launch"]["nproc_per_node"] * cfg["launch"]["nnodes"]) >= 1
