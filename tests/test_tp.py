@@ -78,6 +78,15 @@ def test_recipe_fsdp2_tp_equals_single_process(single_run, tmp_path, tp_size):
     assert diff <= RECIPE_TOL
 
 
+def test_recipe_fsdp2_tp_on_a_2x2_mesh_equals_single_process(single_run, tmp_path):
+    # 4 ranks on 2 cores (slow, but the only way to get a mesh with both dimensions > 1 here)
+    out = _train(tmp_path / "run", **{"parallel.strategy": "fsdp2_tp", "parallel.tp_size": 2,
+                                      "launch.nproc_per_node": 4, "train.micro_batch_size": 2})
+    diff = max_adapter_diff(single_run, out)
+    print(f"max |adapter diff| fsdp2_tp (dp=2, tp=2, 4 ranks) vs none@1: {diff:.2e}")
+    assert diff <= RECIPE_TOL
+
+
 def test_tp_adapter_loads_in_peft_with_single_process_logits(single_run, tp_run):
     assert_peft_reproduces(tp_run)
     ids = input_ids()
