@@ -53,6 +53,13 @@ def register_lora_layer(base_type: type, factory: LoraFactory, linear: bool = Fa
         _LINEAR_KINDS.add(base_type)
 
 
+def _register_optional_layers(model: nn.Module) -> None:
+    """Megatron-core layers register themselves on import of layers/parallel.py, which imports
+    megatron: only done when the model holds a ``megatron.*`` module (before "all-linear")."""
+    if any(type(m).__module__.startswith("megatron.") for m in model.modules()):
+        from .layers import parallel  # noqa: F401
+
+
 def _factory_for(module: nn.Module) -> Optional[LoraFactory]:
     for cls in type(module).__mro__:
         if cls in _LORA_DISPATCH:
@@ -201,6 +208,7 @@ def _candidate_names(model: nn.Module) -> list[str]:
 
 
 def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> int:
+    _register_optional_layers(model)
     names = _candidate_names(model)
     resolve_target_modules(model, config, names)
     adapted = 0

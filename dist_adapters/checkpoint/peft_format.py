@@ -39,7 +39,7 @@ from ..config import CONFIG_NAME, LoraConfig, load_config
 from ..control import adapter_configs, adapter_layers, get_config, unwrap
 from ..layers.tokens import TiedTokensHead
 from ..parallel.fsdp import is_fsdp1
-from ..parallel.state import barrier, clean_name, iter_params, rank, read_full, write_full
+from ..parallel.state import barrier, clean_name, full_shape, iter_params, rank, read_full, write_full
 from .atomic import atomic_path
 
 PREFIX = "base_model.model."
@@ -228,9 +228,9 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
             missing.append(to_peft_key(name, adapter_name, prefix))
             continue
         key, tensor = incoming[name]
-        if tensor.shape != param.shape:  # full shapes: a DTensor's, or a gathered ZeRO-3 / FSDP1 one
+        if tensor.shape != full_shape(param):  # a DTensor's, a gathered ZeRO-3 / FSDP1 one, a TP shard's full one
             raise ValueError(f"{file}: key {key!r} has shape {tuple(tensor.shape)}, the model expects "
-                             f"{tuple(param.shape)}")
+                             f"{tuple(full_shape(param))}")
         write_full(param, tensor)
         loaded.add(name)
     unknown = sorted(incoming[n][0] for n in set(incoming) - loaded)

@@ -3,7 +3,8 @@
 ``iter_params(model, wanted)`` yields (clean name, parameter) for the parameters whose clean name
 ``wanted`` accepts, in module order on every rank. Under FSDP1 each adapter leaf unit is
 summoned in turn (``summon_full_params``, an all-gather of that unit only); under FSDP2 / DTensor
-the caller reads ``read_full(p)`` (``DTensor.full_tensor``: an all-gather of that tensor only).
+the caller reads ``read_full(p)`` (``DTensor.full_tensor``: an all-gather of that tensor only;
+a Megatron TP shard: an all-gather over its TP group).
 Every rank must run the same iteration; the frozen model is never gathered. ``write_full``
 writes a full tensor back into the parameter's shard.
 """
@@ -66,8 +67,37 @@ def iter_params(model: nn.Module, wanted: Callable[[str], bool], writeback: bool
                 yield name, p
 
 
+def _tp_sharded(p: torch.Tensor):
+    """(group, size, rank, dim) for a factor sharded over a Megatron TP group (layers/parallel.py
+    sets ``da_tp_group`` and Megatron's ``partition_dim``), else None."""
+    group = getattr(p, "da_tp_group", None)
+    if group is None:
+        return None
+    dist = torch.distributed
+    size = dist.get_world_size(group) if is_distributed() else 1
+    return group, size, (dist.get_rank(group) if is_distributed() else 0), p.partition_dim
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """The shape ``read_full(p)`` returns (DTensor shapes are already full)."""
+    tp = _tp_sharded(p)
+    if tp is None:
+        return p.shape
+    shape = list(p.shape)
+    shape[tp[3]] *= tp[1]
+    return torch.Size(shape)
+
+
 def read_full(p: torch.Tensor) -> torch.Tensor:
-    return p.full_tensor() if is_dtensor(p) else p
+    if is_dtensor(p):
+        return p.full_tensor()
+    tp = _tp_sharded(p)
+    if tp is not None and tp[1] > 1:  # Megatron TP shard: all-gather over the TP group, concat on its dim
+        group, size, _, dim = tp
+        parts = [torch.empty_like(p.detach()) for _ in range(size)]
+        torch.distributed.all_gather(parts, p.detach().contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+    return p
 
 
 @torch.no_grad()
@@ -80,5 +110,8 @@ def write_full(p: torch.Tensor, value: torch.Tensor) -> None:
         from torch.distributed.tensor import distribute_tensor
 
         p.copy_(distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements))
+    elif _tp_sharded(p) is not None:  # Megatron TP shard: keep this rank's slice of the full tensor
+        _, size, tp_rank, dim = _tp_sharded(p)
+        p.data.copy_(value.chunk(size, dim=dim)[tp_rank].to(p.device, p.dtype))
     else:
         p.data.copy_(value.to(p.device, p.dtype))

@@ -1,0 +1,256 @@
+"""Run under torchrun (2 ranks = TP 2, or 1 rank = TP 1): LoRA over Megatron-core column -> row
+MLPs against the same math in plain torch on the gathered full weights; merge, collective save /
+load, per-rank shard export. Writes its measurements to the JSON file argv[2] (rank 0) and the
+files the test reads (full base weights, input, outputs, adapters) under argv[1].
+
+Megatron on CPU: use_cpu_initialization=True; model_parallel_cuda_manual_seed needs CUDA, so the
+default generator is seeded with torch.manual_seed (the same on every rank unless said otherwise).
+"""
+
+import json
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+warnings.filterwarnings("ignore")  # Megatron's "Transformer Engine and Apex are not installed"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from megatron.core import ModelParallelConfig, parallel_state  # noqa: E402
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import dist_adapters as da  # noqa: E402
+from dist_adapters.checkpoint.megatron_shards import read_megatron_shards, save_megatron_shards  # noqa: E402
+from dist_adapters.parallel.state import read_full, write_full  # noqa: E402
+
+H, FFN, R, ALPHA = 16, 32, 4, 8
+out_dir, result_file = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+parallel_state.initialize_model_parallel(world)
+tp_group = parallel_state.get_tensor_model_parallel_group()
+results = {}
+
+
+def config(**kw):
+    return ModelParallelConfig(tensor_model_parallel_size=world, use_cpu_initialization=True,
+                               params_dtype=torch.float32, **kw)
+
+
+class MLP(nn.Module):
+    """fc1 column-parallel, gelu, fc2 row-parallel. "parallel": fc1 keeps its output sharded and
+    fc2 takes it as is (skip_bias_add on fc1); "gathered": fc1 gathers, fc2 scatters its input
+    (skip_bias_add on fc2)."""
+
+    def __init__(self, variant="parallel", cfg=None):
+        super().__init__()
+        cfg = cfg or config()
+        gathered = variant == "gathered"
+        init = lambda w: nn.init.normal_(w, std=0.2)  # noqa: E731
+        self.fc1 = ColumnParallelLinear(H, FFN, config=cfg, init_method=init, bias=True, gather_output=gathered,
+                                        skip_bias_add=not gathered)
+        self.fc2 = RowParallelLinear(FFN, H, config=cfg, init_method=init, bias=True, input_is_parallel=not gathered,
+                                     skip_bias_add=gathered)
+        with torch.no_grad():  # Megatron zeroes biases; random ones (one full draw, sliced) show misplacement
+            g = torch.Generator().manual_seed(7)
+            self.fc1.bias.copy_(torch.randn(FFN, generator=g).chunk(world)[rank])
+            self.fc2.bias.copy_(torch.randn(H, generator=g))
+
+    def forward(self, x):
+        h, b = self.fc1(x)
+        h = F.gelu(h + b if b is not None else h)
+        y, b = self.fc2(h)
+        return y + b if b is not None else y
+
+
+def build(variant="parallel", base_seed=0):
+    torch.manual_seed(base_seed)  # Megatron's CPU init draws the FULL weight, then slices: any TP size agrees
+    return MLP(variant)
+
+
+def lora(model, seed=1, init=False):
+    torch.manual_seed(seed)
+    return da.inject(model, da.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=init))
+
+
+@torch.no_grad()
+def randomize(model, seed=123):
+    """Non-zero full factors, written through write_full (each rank keeps its slice)."""
+    g = torch.Generator().manual_seed(seed)
+    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            full = read_full(p)
+            write_full(p, full + torch.randn(full.shape, generator=g) * 0.1)
+
+
+def gathered_weights(model):
+    """Full base weights and biases (all-gathered on Megatron's partition dim) and full factors."""
+    full = {}
+    for n, p in model.named_parameters():
+        if getattr(p, "tensor_model_parallel", False) and not hasattr(p, "da_tp_group") and world > 1:
+            parts = [torch.empty_like(p) for _ in range(world)]
+            dist.all_gather(parts, p.detach().contiguous(), group=tp_group)
+            full[n] = torch.cat(parts, dim=p.partition_dim)
+        else:
+            full[n] = read_full(p).detach().clone()
+    return full
+
+
+def full_grads(model):
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            g = p.grad.detach().contiguous()
+            if hasattr(p, "da_tp_group") and world > 1:
+                parts = [torch.empty_like(g) for _ in range(world)]
+                dist.all_gather(parts, g, group=tp_group)
+                g = torch.cat(parts, dim=p.partition_dim)
+            out[n] = g
+    return out
+
+
+def reference(w, x, scaling):
+    """The same MLP in plain torch on full matrices; returns output, input grad, factor grads."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in w.items() if ".lora_" in k}
+    x = x.clone().requires_grad_(True)
+
+    def layer(inp, m):
+        a, b = leaves[f"{m}.lora_A.default.weight"], leaves[f"{m}.lora_B.default.weight"]
+        return inp @ w[f"{m}.base_layer.weight"].T + w[f"{m}.base_layer.bias"] + (inp @ a.T) @ b.T * scaling
+
+    y = layer(F.gelu(layer(x, "fc1")), "fc2")
+    (y * G).sum().backward()
+    return y.detach(), x.grad, {k: v.grad for k, v in leaves.items()}
+
+
+def worst(value: float) -> float:
+    t = torch.tensor([value])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+gen = torch.Generator().manual_seed(3)
+X = torch.randn(5, 3, H, generator=gen)  # Megatron's [sequence, batch, hidden]; the same on every rank
+G = torch.randn(5, 3, H, generator=gen)  # loss = sum(y * G): a dense, fixed output gradient
+
+# 1. forward, input grad, factor grads against full-matrix math, for both wirings
+for variant in ("parallel", "gathered"):
+    model = lora(build(variant))
+    randomize(model)
+    x = X.clone().requires_grad_(True)
+    y = model(x)
+    (y * G).sum().backward()
+    ref_y, ref_dx, ref_grads = reference(gathered_weights(model), X, ALPHA / R)
+    got = full_grads(model)
+    results[f"{variant}_forward"] = worst((y - ref_y).abs().max().item())
+    results[f"{variant}_input_grad"] = worst((x.grad - ref_dx).abs().max().item())
+    # the factor gradients sum over all 15 tokens (|g| up to ~30): fp32 rounding shows at ~1e-6
+    results[f"{variant}_factor_grads"] = worst(max((got[k] - v).abs().max().item() for k, v in ref_grads.items()))
+    results[f"{variant}_output_scale"] = ref_y.abs().max().item()
+    results[f"{variant}_factor_grad_count"] = len(got)
+    results[f"{variant}_factor_grad_scale"] = max(v.abs().max().item() for v in ref_grads.values())
+    # merge / unmerge: local per rank
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    with torch.no_grad():
+        before = model(X)
+        da.merge(model)
+        merged = model(X)
+        da.unmerge(model)
+        after = model(X)
+    results[f"{variant}_merged_vs_unmerged"] = worst((merged - before).abs().max().item())
+    results[f"{variant}_unmerge_weights"] = worst(max((p - base[n]).abs().max().item()
+                                                      for n, p in model.named_parameters() if n in base))
+    results[f"{variant}_after_unmerge"] = worst((after - before).abs().max().item())
+    # unload(merge=True): plain Megatron layers again, RowParallelLinear's own input handling restored
+    plain = da.unload(model, merge=True)
+    if variant == "parallel" or world == 1:  # Megatron's own gather_output=True needs CUDA (mappings.py)
+        with torch.no_grad():
+            results[f"{variant}_unloaded_vs_adapted"] = worst((plain(X) - before).abs().max().item())
+    results[f"{variant}_unloaded"] = [type(plain.fc1).__name__, type(plain.fc2).__name__,
+                                      plain.fc2.input_is_parallel]
+
+# 2. replicated factors agree across TP ranks even when ranks were seeded differently
+model = build()
+torch.manual_seed(100 + rank)
+da.inject(model, da.LoraConfig(r=R, target_modules=["fc1", "fc2"], init_lora_weights=False))
+spread = 0.0
+for n, p in model.named_parameters():
+    if p.requires_grad and not hasattr(p, "da_tp_group"):
+        copies = [torch.empty_like(p) for _ in range(world)]
+        dist.all_gather(copies, p.detach(), group=tp_group)
+        spread = max(spread, max((c - copies[0]).abs().max().item() for c in copies))
+results["replicated_spread_differently_seeded"] = spread
+results["layer_types"] = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "tp_size")})
+
+# 3. the full adapter a seed produces (TP 1 and TP 2 runs compare these files), and a few SGD steps
+model = lora(build())
+init_sd = da.adapter_state_dict(model)
+opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+for step in range(3):
+    opt.zero_grad()
+    loss = ((model(X) - G) ** 2).mean()
+    loss.backward()
+    opt.step()
+trained_sd = da.adapter_state_dict(model)
+if rank == 0:
+    save_file(init_sd, os.path.join(out_dir, f"init_tp{world}.safetensors"))
+    save_file(trained_sd, os.path.join(out_dir, f"trained_tp{world}.safetensors"))
+if world == 1:  # a plain nn.Linear model, LoRA injected from the same RNG state: the same init
+    torch.manual_seed(0)
+    plain = nn.Sequential()
+    plain.add_module("fc1", nn.Linear(H, FFN))
+    plain.add_module("fc2", nn.Linear(FFN, H))
+    torch.manual_seed(1)
+    da.inject(plain, da.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=False))
+    theirs = da.adapter_state_dict(plain)
+    results["tp1_vs_plain_lora_init"] = max((theirs[k] - v).abs().max().item() for k, v in init_sd.items())
+    results["tp1_vs_plain_keys_equal"] = sorted(theirs) == sorted(init_sd)
+
+# 4. adapter_state_dict = gathered math; save_adapter -> load_adapter into a fresh TP model
+model = lora(build())
+randomize(model)
+sd = da.adapter_state_dict(model)
+full = gathered_weights(model)
+results["state_dict_vs_gathered"] = max((sd[f"base_model.model.{n.replace('.default', '')}"] - v).abs().max().item()
+                                        for n, v in full.items() if ".lora_" in n)
+results["state_dict_shapes"] = {k: list(v.shape) for k, v in sd.items()}
+with torch.no_grad():
+    expected = model(X)
+da.save_adapter(model, os.path.join(out_dir, "adapter"))
+fresh = build()  # no adapter yet: load_adapter injects from adapter_config.json
+da.load_adapter(fresh, os.path.join(out_dir, "adapter"))
+with torch.no_grad():
+    results["loaded_vs_saved"] = worst((fresh(X) - expected).abs().max().item())
+wrong = lora(build(), seed=5)
+da.load_adapter(wrong, os.path.join(out_dir, "adapter"))  # overwrites another init
+with torch.no_grad():
+    results["loaded_over_other_init"] = worst((wrong(X) - expected).abs().max().item())
+
+# 5. per-rank export: read offline (rank 0) equals adapter_state_dict
+shards = os.path.join(out_dir, f"shards_tp{world}")
+save_megatron_shards(model, shards)
+if rank == 0:
+    back = read_megatron_shards(shards)
+    results["shards_keys_equal"] = sorted(back) == sorted(sd)
+    results["shards_vs_state_dict"] = max((back[k] - v).abs().max().item() for k, v in sd.items())
+    results["shard_dirs"] = sorted(d for d in os.listdir(shards) if d.startswith("mp_rank"))
+    save_file({k: v.contiguous() for k, v in full.items() if ".lora_" not in k}, os.path.join(out_dir, "base.safetensors"))
+    save_file({"x": X, "y": expected}, os.path.join(out_dir, "io.safetensors"))
+
+# 6. unsupported options fail loudly, naming the option
+if world > 1:
+    try:
+        da.inject(MLP(cfg=config(sequence_parallel=True)), da.LoraConfig(target_modules=["fc1"]))
+        results["sequence_parallel_error"] = None
+    except NotImplementedError as exc:
+        results["sequence_parallel_error"] = str(exc)
+
+if rank == 0:
+    with open(result_file, "w") as fh:
+        json.dump(results, fh, indent=1)
+dist.barrier()
+dist.destroy_process_group()
