@@ -27,9 +27,18 @@ class Engine:
         self.dist = dist
         self.model = model
         self.optimizer = make_optimizer(self.trainable_parameters())
-        # which share of the global batch this rank trains on: tensor-parallel ranks of one
-        # model replica see the same data (dp_size = world / tp)
-        self.dp_rank, self.dp_size = dist.rank, dist.world_size
+
+    # (rank, size) of the data-parallel group: which share of the global batch this rank trains
+    # on. None: every rank is its own replica. Tensor-parallel ranks of one replica share data.
+    data_parallel: tuple[int, int] | None = None
+
+    @property
+    def dp_rank(self) -> int:
+        return self.data_parallel[0] if self.data_parallel else self.dist.rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.data_parallel[1] if self.data_parallel else self.dist.world_size
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -232,7 +232,7 @@ class TPEngine(_ShardedEngine):
         mesh = _mesh(1, tp_size, dist.device)
         parallelize(model.to(dist.device), mesh["tp"])
         Engine.__init__(self, model, make_optimizer, dist)
-        self.dp_size, self.dp_rank = 1, 0
+        self.data_parallel = (0, 1)
 
     def grad_norm(self) -> torch.Tensor:
         return grad_norm(self.trainable_parameters())
@@ -248,7 +248,7 @@ class FSDP2TPEngine(FSDP2Engine):
         parallelize(model.to(dist.device), mesh["tp"])
         super().__init__(model, make_optimizer, dist, activation_checkpointing=activation_checkpointing,
                          mixed_precision=mixed_precision, mesh=mesh["dp"])
-        self.dp_size, self.dp_rank = dp, mesh.get_local_rank("dp")
+        self.data_parallel = (mesh.get_local_rank("dp"), dp)
 
     def grad_norm(self) -> torch.Tensor:
         return grad_norm(self.trainable_parameters())
