@@ -54,10 +54,14 @@ def register_lora_layer(base_type: type, factory: LoraFactory, linear: bool = Fa
 
 
 def _register_optional_layers(model: nn.Module) -> None:
-    """Megatron-core layers register themselves on import of layers/parallel.py, which imports
-    megatron: only done when the model holds a ``megatron.*`` module (before "all-linear")."""
-    if any(type(m).__module__.startswith("megatron.") for m in model.modules()):
+    """Megatron-core and bitsandbytes layers register themselves on import of layers/parallel.py
+    and layers/quantized.py, which import those packages: only done when the model holds one of
+    their modules (before "all-linear" is expanded)."""
+    kinds = {type(m).__module__.split(".")[0] for m in model.modules()}
+    if "megatron" in kinds:
         from .layers import parallel  # noqa: F401
+    if "bitsandbytes" in kinds:
+        from .layers import quantized  # noqa: F401
 
 
 def _factory_for(module: nn.Module) -> Optional[LoraFactory]:
@@ -348,9 +352,11 @@ def inject(model: nn.Module, config, adapter_name: str = "default") -> nn.Module
         targets = token_targets(inner, config.target_modules, config.token_indices)
         inject_tokens(inner, targets, adapter_name, config.init_weights)
     else:
-        if config.init_lora_weights == "loftq":
-            raise NotImplementedError("init_lora_weights='loftq' is not implemented yet in dist_adapters (issue 8)")
         _inject_lora(inner, config, adapter_name)
+        if config.init_lora_weights == "loftq":  # base weights become Q, factors LoftQ's (init/loftq.py)
+            from .init.loftq import apply_loftq
+
+            apply_loftq(inner, config, adapter_name, root=unwrap(model, keep_fsdp_root=True))
         if config.modules_to_save:
             _inject_modules_to_save(inner, list(config.modules_to_save), adapter_name)
         if config.trainable_token_indices is not None:

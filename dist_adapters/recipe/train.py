@@ -22,12 +22,13 @@ from ..checkpoint.atomic import atomic_write_text
 from ..checkpoint.peft_format import save_adapter
 from ..inject import inject
 from ..launcher import DistInfo, init_distributed
+from ..parallel.state import barrier
 from ..parallel.ddp import setup_ddp
 from ..parallel.engine import setup_none
 from ..parallel.deepspeed import setup_zero1, setup_zero2, setup_zero3
 from ..parallel.fsdp import setup_fsdp1, setup_fsdp2
 from ..parallel.tensor import setup_fsdp2_tp, setup_tp
-from . import builtin
+from . import builtin, quantization
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
 from .config import RecipeError, adapter_config, check_world
 from .data import TextData, global_batch_indices, micro_batches, read_jsonl
@@ -49,8 +50,8 @@ def preflight(cfg: dict, world_size: int) -> list[str]:
     if launch["launcher"] != "torchrun" or launch["nnodes"] > 1:
         raise RecipeError("launch: only single-node torchrun is available yet; multi-node and "
                           "deepspeed/mpirun/srun launchers come with `dist-adapters launch` (issue 9)")
-    if cfg["model"]["quantization"]:
-        raise RecipeError("model.quantization is not implemented yet (issue 8)")
+    if cfg["model"]["quantization"] is not None:
+        quantization.settings(cfg)
     if cfg["model"]["path"] is not None and not os.path.isdir(cfg["model"]["path"]):
         raise RecipeError(f"model.path {cfg['model']['path']!r} is not a directory")
     check_world(cfg, world_size)
@@ -66,7 +67,7 @@ def preflight(cfg: dict, world_size: int) -> list[str]:
     return read_jsonl(cfg["data"]["path"] or builtin.DATA_FILE)
 
 
-def _load_model(cfg: dict, accumulation: int, world_size: int):
+def _load_model(cfg: dict, accumulation: int, world_size: int, device: torch.device):
     dtype = getattr(torch, cfg["model"]["dtype"])
     path = cfg["model"]["path"]
     if path is None:
@@ -82,6 +83,8 @@ def _load_model(cfg: dict, accumulation: int, world_size: int):
         partitioned = partitioned_loading(zero_config(cfg["parallel"], 3, cfg["train"], world_size, accumulation))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        if cfg["model"]["quantization"] is not None:
+            return quantization.load_quantized(path, quantization.settings(cfg), dtype, device), tokenizer
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         model.__dict__["_da_keep"] = partitioned  # transformers reads it through a weak reference
     except (OSError, ValueError) as exc:
@@ -109,6 +112,11 @@ def peft_snippet(cfg: dict) -> str:
     """The three lines that load the run's adapter with peft."""
     out = cfg["train"]["output_dir"]
     base = cfg["model"]["path"] or os.path.join(out, "base_model")
+    if cfg["model"]["quantization"] is not None:  # the same quantized base
+        return ("import torch\nfrom transformers import AutoModelForCausalLM, BitsAndBytesConfig\nfrom peft import PeftModel\n"
+                f"base = AutoModelForCausalLM.from_pretrained({base!r}, device_map='cpu', quantization_config="
+                f"{quantization.config_source(quantization.settings(cfg))})\n"
+                f"model = PeftModel.from_pretrained(base, {os.path.join(out, 'adapter')!r})")
     return ("from transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
             f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), "
             f"{os.path.join(out, 'adapter')!r})")
@@ -139,7 +147,7 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
     tr = cfg["train"]
     out = tr["output_dir"]
     accumulation = check_world(cfg, dist.world_size)
-    model, tokenizer = _load_model(cfg, accumulation, dist.world_size)
+    model, tokenizer = _load_model(cfg, accumulation, dist.world_size, dist.device)
     adapter_cfg = adapter_config(cfg)
     if cfg["model"]["path"] is None:
         base_dir = os.path.abspath(os.path.join(out, "base_model"))
@@ -149,6 +157,11 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
         adapter_cfg.base_model_name_or_path = base_dir
     else:
         adapter_cfg.base_model_name_or_path = cfg["model"]["path"]
+    if cfg["model"]["quantization"] is not None and cfg["model"]["path"] is None:
+        # QLoRA on the built-in model: load the base just saved through bitsandbytes
+        barrier()
+        model = quantization.load_quantized(adapter_cfg.base_model_name_or_path, quantization.settings(cfg),
+                                            getattr(torch, cfg["model"]["dtype"]), dist.device)
     torch.manual_seed(tr["seed"])  # same adapter init on every rank
     inject(model, adapter_cfg)
 
