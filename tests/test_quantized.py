@@ -2,6 +2,8 @@
 the oracle over the same quantized base, merge by requantization, the CPU repacking trap, and the
 recipe's ``model.quantization``."""
 
+import json
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -100,8 +102,6 @@ def test_qlora_recipe_lowers_loss_and_loads_in_peft(tmp_path):
     res = cli("train", DEMO, "--set", *small(out, **{"model.quantization": "{bits: 4}", "train.steps": 6}))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "BitsAndBytesConfig(load_in_4bit=True" in res.stdout  # the peft lines name the same base
-    import json
-
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     print(f"QLoRA nf4 recipe loss: {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.8 * losses[0]
@@ -132,11 +132,56 @@ def test_qlora_ddp_two_ranks_equals_one_process(tmp_path):
     assert diff <= 1e-3
 
 
+@pytest.mark.parametrize("engine", ["fsdp1", "fsdp2", "zero3"])
+def test_packed_4bit_weights_shard_under_each_engine(base_dir, tmp_path, engine):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from recipe_helpers import ROOT
+
+    result = tmp_path / "result.json"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(ROOT, "tests", "dist", "qlora_ops.py"), engine, base_dir, str(result)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    r = json.loads(result.read_text())
+    print(engine, r)
+    assert r["is_4bit"] and r["packed_dtype"] == "torch.float32"
+    assert 0.45 <= r["local_fraction"] <= 0.55  # each rank holds half of the packed weights
+    if engine == "fsdp1":
+        assert r["packed_in_flat"]
+    assert r["logits"] <= 1e-5 and r["grad_keys_equal"] and r["grads"] <= 1e-5 and r["saved"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def qlora_single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qlora_single")
+    res = cli("train", DEMO, "--set", *small(out, **{"model.quantization": "{bits: 4}", "train.micro_batch_size": 2}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_sharded_qlora_recipe_equals_single_process(qlora_single, tmp_path, strategy):
+    out = tmp_path / strategy
+    res = cli("train", DEMO, "--set", *small(out, **{"model.quantization": "{bits: 4}", "parallel.strategy": strategy,
+                                                     "launch.nproc_per_node": 2}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["model"]["quantization"] == {"bits": 4}
+    diff = max_adapter_diff(qlora_single, out)
+    print(f"QLoRA {strategy}@2 (quant_storage float32) vs none@1 (uint8): {diff:.2e}")
+    assert diff <= 1e-3
+
+
 def test_quantization_errors_name_the_key(tmp_path):
     from test_recipe import _one_line_error
 
     _one_line_error(cli("train", DEMO, "--set", "model.quantization={bits: 3}"), "model.quantization.bits must be 4 or 8")
     _one_line_error(cli("train", DEMO, "--set", "model.quantization={bitz: 4}"), "unknown key 'model.quantization.bitz'")
-    _one_line_error(cli("train", DEMO, "--set", "model.quantization={bits: 4}", "parallel.strategy=zero3"),
-                    "model.quantization with parallel.strategy 'zero3' is not implemented yet (issue 8)")
+    _one_line_error(cli("train", DEMO, "--set", "model.quantization={bits: 4}", "parallel.strategy=tp",
+                        "parallel.tp_size=2"),
+                    "model.quantization with parallel.strategy 'tp' is not supported; QLoRA runs under: none, ddp")
 

@@ -4,6 +4,9 @@ prepare it for training adapters over it.
     model:
       quantization: {bits: 4, quant_type: nf4, compute_dtype: float32, quant_storage: uint8, double_quant: false}
 
+Under fsdp1 / fsdp2 / zero3 ``quant_storage`` defaults to ``model.dtype``: the 4-bit codes are
+packed into tensors of the model's dtype and shard like any other frozen weight (FSDP-QLoRA).
+
 The base is loaded through transformers' ``BitsAndBytesConfig`` (the same path peft users take),
 so ``PeftModel.from_pretrained`` over a base loaded with the same config reproduces the trained
 model; with the built-in model the recipe first saves it to ``OUTPUT/base_model`` and loads that.
@@ -16,8 +19,11 @@ import torch
 from .config import RecipeError
 
 KEYS = {"bits": 4, "quant_type": "nf4", "compute_dtype": "float32", "quant_storage": "uint8", "double_quant": False}
-# strategies whose QLoRA path is verified; the sharded ones need quant_storage handling (issue 8)
-STRATEGIES = ("none", "ddp")
+# strategies whose QLoRA path is verified (tests/test_quantized.py)
+STRATEGIES = ("none", "ddp", "fsdp1", "fsdp2", "zero3")
+# engines that shard parameters: the packed 4-bit weights shard with the rest when their storage
+# dtype is the model's (FSDP1 flat parameters need one dtype), so that is the default there
+SHARDED = ("fsdp1", "fsdp2", "zero3")
 
 
 def settings(cfg: dict) -> dict:
@@ -29,6 +35,8 @@ def settings(cfg: dict) -> dict:
     if unknown:
         raise RecipeError(f"unknown key 'model.quantization.{unknown[0]}' (keys: {', '.join(KEYS)})")
     q = {**KEYS, **given}
+    if "quant_storage" not in given and cfg["parallel"]["strategy"] in SHARDED:
+        q["quant_storage"] = cfg["model"]["dtype"]
     if q["bits"] not in (4, 8):
         raise RecipeError(f"model.quantization.bits must be 4 or 8, got {q['bits']!r}")
     if q["quant_type"] not in ("nf4", "fp4"):
@@ -39,8 +47,8 @@ def settings(cfg: dict) -> dict:
                               f"got {q[key]!r}")
     strategy = cfg["parallel"]["strategy"]
     if strategy not in STRATEGIES:
-        raise RecipeError(f"model.quantization with parallel.strategy {strategy!r} is not implemented yet "
-                          f"(issue 8); use one of: {', '.join(STRATEGIES)}")
+        raise RecipeError(f"model.quantization with parallel.strategy {strategy!r} is not supported; "
+                          f"QLoRA runs under: {', '.join(STRATEGIES)}")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
