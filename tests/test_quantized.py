@@ -163,11 +163,12 @@ def qlora_single(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
-def test_sharded_qlora_recipe_equals_single_process(qlora_single, tmp_path, strategy):
+@pytest.mark.parametrize("strategy, extra", [("fsdp2", {"parallel.activation_checkpointing": "true"}), ("zero3", {})],
+                         ids=["fsdp2-checkpointing", "zero3"])
+def test_sharded_qlora_recipe_equals_single_process(qlora_single, tmp_path, strategy, extra):
     out = tmp_path / strategy
     res = cli("train", DEMO, "--set", *small(out, **{"model.quantization": "{bits: 4}", "parallel.strategy": strategy,
-                                                     "launch.nproc_per_node": 2}))
+                                                     "launch.nproc_per_node": 2, **extra}))
     assert res.returncode == 0, res.stderr[-3000:]
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["model"]["quantization"] == {"bits": 4}
