@@ -1,6 +1,7 @@
 """`dist-adapters` entry point.
 
     dist-adapters train CONFIG.yaml [--set key=value ...]
+    dist-adapters loftq MODEL_DIR OUT [--bits 4 --rank 16 --iters 5 --alpha A ...]
 
 Errors in the user's input (config, data, paths) print one line and exit 2, without a traceback.
 Sub-commands `launch`, `consolidate` and `inspect` come with their issues.
@@ -28,7 +29,51 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="recipe YAML (see configs/demo.yaml)")
     train.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                        help="override config keys, e.g. --set train.steps=10 train.lr=1e-3 (repeatable)")
+    loftq = sub.add_parser("loftq", help="LoftQ-initialise a model directory (streamed, one tensor at a time)",
+                           description="Quantize every targeted weight W of a safetensors model to Q and fit "
+                                       "a LoRA adapter to W - Q. Writes OUT (the model with Q in place of W) "
+                                       "and OUT/loftq_init (the PEFT adapter). MODEL_DIR is only read.")
+    loftq.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (safetensors)")
+    loftq.add_argument("out", metavar="OUT", help="output directory")
+    loftq.add_argument("--bits", type=int, default=4, help="2, 4 (nf4, default) or 8")
+    loftq.add_argument("--rank", type=int, default=16, help="LoRA rank r (default 16)")
+    loftq.add_argument("--iters", type=int, default=5, help="LoftQ alternations (default 5)")
+    loftq.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: the rank)")
+    loftq.add_argument("--target-modules", nargs="+", default=["all-linear"], metavar="NAME",
+                       help="module names or suffixes (default all-linear: every 2-D weight but "
+                            "embeddings and the output head)")
+    loftq.add_argument("--svd", choices=["auto", "exact", "randomized"], default="auto",
+                       help="rank-r SVD: randomized block Krylov (auto: for matrices >= 1024) or full")
+    loftq.add_argument("--quantizer", choices=["torch", "bnb"], default="torch",
+                       help="nf quantizer: plain torch, or bitsandbytes' nf4 kernels (bits 4)")
     return parser
+
+
+def cmd_loftq(args: argparse.Namespace) -> int:
+    import os
+
+    from .checkpoint.safetensors_stream import StreamError
+    from .init.loftq import loftq_model_dir
+
+    targets = args.target_modules
+    targets = "all-linear" if targets == ["all-linear"] else targets
+    try:
+        done = loftq_model_dir(args.model_dir, args.out, bits=args.bits, r=args.rank, iters=args.iters,
+                               lora_alpha=args.alpha, target_modules=targets, svd=args.svd,
+                               quantizer=args.quantizer)
+    except StreamError as exc:  # LoftQInputError included
+        print(f"dist-adapters loftq: error: {exc}", file=sys.stderr)
+        return 2
+    out, adapter = os.path.abspath(done["model_dir"]), os.path.abspath(done["adapter_dir"])
+    w = done["weight"] or 1.0
+    print(f"model: {out}   adapter: {adapter}   ({done['modules']} weights, {args.bits}-bit, r={args.rank})")
+    print(f"relative error ||W - Q||/||W||: quantized alone {done['quant_error'] / w:.5f}, "
+          f"with the LoftQ adapter {done['loftq_error'] / w:.5f}")
+    quant = (", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4')"
+             if args.bits == 4 else "")
+    print(f"load it with peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({out!r}{quant}), "
+          f"{adapter!r}, is_trainable=True)")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -68,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return cmd_train(args)
+        return {"train": cmd_train, "loftq": cmd_loftq}[args.command](args)
     except RecipeError as exc:
         print(f"dist-adapters {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -50,10 +50,13 @@ def test_no_default_targets_for_unknown_model():
         da.inject(model, da.LoraConfig())
 
 
-def test_not_yet_implemented_options_say_so():
-    with pytest.raises(NotImplementedError, match="loftq"):
-        da.inject(tiny_llama(), da.LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq",
-                                              loftq_config=da.LoftQConfig()))
+def test_loftq_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"loftq_config must be set when init_lora_weights='loftq'"):
+        da.LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq")
+    with pytest.raises(ValueError, match=r"LoftQConfig.loftq_bits must be 2, 4 or 8, got 3"):
+        da.LoftQConfig(loftq_bits=3)
+    with pytest.raises(ValueError, match=r"LoftQConfig.loftq_iter must be an integer >= 1, got 0"):
+        da.LoftQConfig(loftq_iter=0)
 
 
 def test_save_without_adapter_names_the_problem(tmp_path):
