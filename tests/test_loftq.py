@@ -333,3 +333,97 @@ def test_replace_lora_weights_loftq_over_bnb_linear4bit(tmp_path):
     assert lq.replace_lora_weights_loftq(model, {"proj.weight": w}) == 1
     with pytest.raises(KeyError, match=r"no tensor 'proj.weight'"):
         lq.replace_lora_weights_loftq(model, {"other.weight": w})
+
+
+# ----------------------------------------------------------------------------- the recipe (LoftQ + QLoRA)
+
+LOFTQ_ADAPTER = ["adapter.r=8", "adapter.lora_alpha=32", "adapter.target_modules=all-linear",
+                 "adapter.init_lora_weights=loftq", "adapter.loftq_config={loftq_bits: 4, loftq_iter: 2}"]
+
+
+def loftq_recipe(out, env_extra=None, **over):
+    from recipe_helpers import DEMO, cli, small
+
+    res = cli("train", DEMO, "--set", *LOFTQ_ADAPTER, *small(out, **{"model.quantization": "{bits: 4}", **over}),
+              env_extra=env_extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def loftq_single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("loftq_recipe") / "one"
+    # one thread, as each torchrun rank: LoftQ's factors depend on the matmuls' rounding (it snaps
+    # to the nf4 grid), and Adam at lr 1e-2 turns a 7.6e-6 difference at init into 2e-3 in 4 steps
+    return out, loftq_recipe(out, env_extra={"OMP_NUM_THREADS": "1"}, **{"train.micro_batch_size": 2})
+
+
+def test_recipe_loftq_qlora_starts_closer_and_loads_in_peft(loftq_single):
+    """The recipe saves Q as OUTPUT/base_model; over its 4-bit load the LoftQ init is closer to the
+    original full-precision model than plain nf4 of the original; the trained adapter loads in peft
+    over that same 4-bit base with our logits."""
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig
+
+    from dist_adapters.layers.quantized import disable_cpu_repacking
+    from dist_adapters.recipe import builtin
+    from dist_adapters.recipe.quantization import KEYS, load_quantized
+    from recipe_helpers import adapter_tensors
+
+    out, res = loftq_single
+    assert "from_pretrained('" + str(out / "base_model") in res.stdout
+    original = builtin.builtin_model(0, builtin.builtin_tokenizer(), torch.float32).eval()
+    names = [n for n, m in original.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    saved = load_file(out / "base_model" / "model.safetensors")
+    for name in names:  # Q in place of W, on the nf4 grid
+        q = saved[name + ".weight"]
+        assert torch.equal(lq.quantize_dequantize(q, 4), q) and not torch.equal(q, original.get_submodule(name).weight)
+    init_cfg = json.loads((out / "loftq_init" / "adapter_config.json").read_text())
+    assert init_cfg["init_lora_weights"] is True and init_cfg["base_model_name_or_path"] == str(out / "base_model")
+
+    def four_bit():
+        m = load_quantized(str(out / "base_model"), dict(KEYS), torch.float32, torch.device("cpu"))
+        return m.eval()
+
+    ref = logits(original)
+    err_loftq = (logits(da.load_adapter(four_bit(), str(out / "loftq_init"))) - ref).norm()
+    err_nf4 = (logits(plain_nf4(original, names)) - ref).norm()
+    print(f"recipe LoftQ init over the 4-bit base vs the fp32 model: {err_loftq:.4f}; plain nf4: {err_nf4:.4f}")
+    assert err_loftq < 0.8 * err_nf4
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model", device_map="cpu", quantization_config=config)
+    disable_cpu_repacking(base)
+    theirs = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    ours = da.load_adapter(four_bit(), str(out / "adapter")).eval()
+    diff = (logits(theirs) - logits(ours)).abs().max().item()
+    print(f"peft vs ours over the LoftQ 4-bit base: {diff:.2e}")
+    assert diff <= 1e-4
+    trained, init = adapter_tensors(out), load_file(out / "loftq_init" / "adapter_model.safetensors")
+    assert trained.keys() == init.keys() and any(not torch.equal(trained[k], init[k]) for k in init)
+
+
+def test_recipe_loftq_fsdp2_two_ranks_equals_one_process(loftq_single, tmp_path):
+    """Rank 0's LoftQ files are what every rank trains from (FSDP2 broadcasts nothing)."""
+    from recipe_helpers import max_adapter_diff
+
+    loftq_recipe(tmp_path / "two", **{"parallel.strategy": "fsdp2", "launch.nproc_per_node": 2})
+    one, two = (load_file(d / "loftq_init" / "adapter_model.safetensors") for d in (loftq_single[0], tmp_path / "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    diff = max_adapter_diff(loftq_single[0], tmp_path / "two")
+    print(f"LoftQ-QLoRA fsdp2@2 vs none@1: {diff:.2e}")
+    assert diff <= 1e-3
+
+
+def test_recipe_loftq_errors_name_the_keys():
+    from recipe_helpers import DEMO, cli
+    from test_recipe import _one_line_error
+
+    _one_line_error(cli("train", DEMO, "--set", *LOFTQ_ADAPTER, "model.quantization={bits: 4, double_quant: true}"),
+                    "adapter.init_lora_weights: loftq with model.quantization needs bits: 4, quant_type: nf4, "
+                    "double_quant: false")
+    _one_line_error(cli("train", DEMO, "--set", "adapter.init_lora_weights=loftq"),
+                    "loftq_config must be set when init_lora_weights='loftq'")

@@ -170,6 +170,14 @@ def test_shipped_configs_are_valid(name):
     from dist_adapters.recipe.config import check_world
     from dist_adapters.recipe.train import STRATEGIES
 
+    from dist_adapters.recipe import loftq, quantization
+    from dist_adapters.recipe.config import adapter_config
+
     cfg = load_recipe(os.path.join(os.path.dirname(DEMO), name))
     assert cfg["parallel"]["strategy"] in STRATEGIES
     assert check_world(cfg, cfg["launch"]["nproc_per_node"] * cfg["launch"]["nnodes"]) >= 1
+    adapter = adapter_config(cfg)
+    if cfg["model"]["quantization"] is not None:
+        quantization.settings(cfg)
+    if loftq.wants_loftq(adapter):
+        loftq.check(cfg, adapter)

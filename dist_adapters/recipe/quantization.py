@@ -14,6 +14,8 @@ model; with the built-in model the recipe first saves it to ``OUTPUT/base_model`
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .config import RecipeError
@@ -49,6 +51,10 @@ def settings(cfg: dict) -> dict:
     if strategy not in STRATEGIES:
         raise RecipeError(f"model.quantization with parallel.strategy {strategy!r} is not supported; "
                           f"QLoRA runs under: {', '.join(STRATEGIES)}")
+    # bitsandbytes logs at import, on AVX512-BF16 CPUs, that an optional kernel for its repacked
+    # eval path is missing; the recipe turns that path off (disable_cpu_repacking), so the line
+    # would only be noise in front of the run's output and of one-line errors
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

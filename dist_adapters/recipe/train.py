@@ -28,7 +28,7 @@ from ..parallel.engine import setup_none
 from ..parallel.deepspeed import setup_zero1, setup_zero2, setup_zero3
 from ..parallel.fsdp import setup_fsdp1, setup_fsdp2
 from ..parallel.tensor import setup_fsdp2_tp, setup_tp
-from . import builtin, quantization
+from . import builtin, loftq, quantization
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
 from .config import RecipeError, adapter_config, check_world
 from .data import TextData, global_batch_indices, micro_batches, read_jsonl
@@ -55,6 +55,9 @@ def preflight(cfg: dict, world_size: int) -> list[str]:
     if cfg["model"]["path"] is not None and not os.path.isdir(cfg["model"]["path"]):
         raise RecipeError(f"model.path {cfg['model']['path']!r} is not a directory")
     check_world(cfg, world_size)
+    adapter_cfg = adapter_config(cfg)
+    if loftq.wants_loftq(adapter_cfg):
+        loftq.check(cfg, adapter_cfg)
     out = cfg["train"]["output_dir"]
     try:
         os.makedirs(out, exist_ok=True)
@@ -67,7 +70,8 @@ def preflight(cfg: dict, world_size: int) -> list[str]:
     return read_jsonl(cfg["data"]["path"] or builtin.DATA_FILE)
 
 
-def _load_model(cfg: dict, accumulation: int, world_size: int, device: torch.device):
+def _load_model(cfg: dict, accumulation: int, world_size: int, device: torch.device, full: bool = False):
+    """The base model; ``full``: whole and unquantized (LoftQ reads and rewrites every weight)."""
     dtype = getattr(torch, cfg["model"]["dtype"])
     path = cfg["model"]["path"]
     if path is None:
@@ -76,14 +80,14 @@ def _load_model(cfg: dict, accumulation: int, world_size: int, device: torch.dev
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     partitioned = None
-    if cfg["parallel"]["strategy"] == "zero3":
+    if cfg["parallel"]["strategy"] == "zero3" and not full:
         # load straight into ZeRO-3 partitions (zero.Init): no rank holds the whole model
         from ..parallel.deepspeed import partitioned_loading, zero_config
 
         partitioned = partitioned_loading(zero_config(cfg["parallel"], 3, cfg["train"], world_size, accumulation))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if cfg["model"]["quantization"] is not None:
+        if cfg["model"]["quantization"] is not None and not full:
             return quantization.load_quantized(path, quantization.settings(cfg), dtype, device), tokenizer
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         model.__dict__["_da_keep"] = partitioned  # transformers reads it through a weak reference
@@ -111,7 +115,9 @@ def _all_reduce_sum(value: torch.Tensor, dist: DistInfo) -> torch.Tensor:
 def peft_snippet(cfg: dict) -> str:
     """The three lines that load the run's adapter with peft."""
     out = cfg["train"]["output_dir"]
-    base = cfg["model"]["path"] or os.path.join(out, "base_model")
+    # LoftQ rewrites the base (Q in place of W): it is saved to OUTPUT/base_model like the built-in one
+    rewritten = cfg["model"]["path"] is None or loftq.wants_loftq(adapter_config(cfg))
+    base = os.path.join(out, "base_model") if rewritten else cfg["model"]["path"]
     if cfg["model"]["quantization"] is not None:  # the same quantized base
         return ("import torch\nfrom transformers import AutoModelForCausalLM, BitsAndBytesConfig\nfrom peft import PeftModel\n"
                 f"base = AutoModelForCausalLM.from_pretrained({base!r}, device_map='cpu', quantization_config="
@@ -147,23 +153,28 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
     tr = cfg["train"]
     out = tr["output_dir"]
     accumulation = check_world(cfg, dist.world_size)
-    model, tokenizer = _load_model(cfg, accumulation, dist.world_size, dist.device)
     adapter_cfg = adapter_config(cfg)
-    if cfg["model"]["path"] is None:
-        base_dir = os.path.abspath(os.path.join(out, "base_model"))
-        if dist.is_main:
-            model.save_pretrained(base_dir)
-            tokenizer.save_pretrained(base_dir)
-        adapter_cfg.base_model_name_or_path = base_dir
-    else:
-        adapter_cfg.base_model_name_or_path = cfg["model"]["path"]
-    if cfg["model"]["quantization"] is not None and cfg["model"]["path"] is None:
-        # QLoRA on the built-in model: load the base just saved through bitsandbytes
-        barrier()
-        model = quantization.load_quantized(adapter_cfg.base_model_name_or_path, quantization.settings(cfg),
-                                            getattr(torch, cfg["model"]["dtype"]), dist.device)
+    use_loftq = loftq.wants_loftq(adapter_cfg)
+    model, tokenizer = _load_model(cfg, accumulation, dist.world_size, dist.device, full=use_loftq)
     torch.manual_seed(tr["seed"])  # same adapter init on every rank
-    inject(model, adapter_cfg)
+    if use_loftq:  # the base becomes Q, saved as OUTPUT/base_model (recipe/loftq.py)
+        model = loftq.loftq_start(cfg, model, tokenizer, adapter_cfg, dist)
+    else:
+        if cfg["model"]["path"] is None:
+            base_dir = os.path.abspath(os.path.join(out, "base_model"))
+            if dist.is_main:
+                model.save_pretrained(base_dir)
+                tokenizer.save_pretrained(base_dir)
+            adapter_cfg.base_model_name_or_path = base_dir
+        else:
+            adapter_cfg.base_model_name_or_path = cfg["model"]["path"]
+        if cfg["model"]["quantization"] is not None and cfg["model"]["path"] is None:
+            # QLoRA on the built-in model: load the base just saved through bitsandbytes
+            barrier()
+            model = quantization.load_quantized(adapter_cfg.base_model_name_or_path, quantization.settings(cfg),
+                                                getattr(torch, cfg["model"]["dtype"]), dist.device)
+        torch.manual_seed(tr["seed"])  # same adapter init on every rank
+        inject(model, adapter_cfg)
 
     def make_optimizer(params):
         return torch.optim.AdamW(params, lr=tr["lr"], weight_decay=tr["weight_decay"])
