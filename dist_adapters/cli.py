@@ -1,10 +1,11 @@
 """`dist-adapters` entry point.
 
     dist-adapters train CONFIG.yaml [--set key=value ...]
+    dist-adapters launch [--launcher L --nnodes N --node-rank R --master-addr A ...] -- SCRIPT ARGS
     dist-adapters loftq MODEL_DIR OUT [--bits 4 --rank 16 --iters 5 --alpha A ...]
 
-Errors in the user's input (config, data, paths) print one line and exit 2, without a traceback.
-Sub-commands `launch`, `consolidate` and `inspect` come with their issues.
+Errors in the user's input (config, data, paths, hostfiles) print one line and exit 2, without a
+traceback. Sub-commands `consolidate` and `inspect` come with their issue.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="recipe YAML (see configs/demo.yaml)")
     train.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                        help="override config keys, e.g. --set train.steps=10 train.lr=1e-3 (repeatable)")
+    from .launch_cmd import add_parser as add_launch_parser
+
+    add_launch_parser(sub)
     loftq = sub.add_parser("loftq", help="LoftQ-initialise a model directory (streamed, one tensor at a time)",
                            description="Quantize every targeted weight W of a safetensors model to Q and fit "
                                        "a LoRA adapter to W - Q. Writes OUT (the model with Q in place of W) "
@@ -77,19 +81,20 @@ def cmd_loftq(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .launcher import torchrun_command, under_launcher
-    from .recipe.config import load_recipe
+    from .launch_cmd import run, spec_from_recipe
+    from .launcher import under_launcher
+    from .recipe.config import launch_world_size, load_recipe
     from .recipe.train import peft_snippet, preflight, train
 
     cfg = load_recipe(args.config, args.overrides)
-    nproc = cfg["launch"]["nproc_per_node"]
+    launch = cfg["launch"]
     if not under_launcher():
-        preflight(cfg, nproc * cfg["launch"]["nnodes"])  # fail here, once, before any rank starts
-        if nproc > 1:
+        preflight(cfg, launch_world_size(launch))  # fail here, once, before any rank starts
+        if (launch["nproc_per_node"] > 1 or launch["nnodes"] > 1 or launch["launcher"] != "torchrun"
+                or launch["max_restarts"] or launch["master_addr"]):
             sets = [a for s in args.overrides for a in ("--set", s)]
-            cmd = torchrun_command(nproc, ["dist_adapters.cli", "train", args.config, *sets])
-            code = subprocess.call(cmd)
-            if code == 0:
+            code = run(spec_from_recipe(launch), ["-m", "dist_adapters.cli", "train", args.config, *sets])
+            if code == 0 and launch["node_rank"] == 0:
                 _print_done(cfg, peft_snippet)
             return code
     summary = train(cfg)
@@ -105,6 +110,7 @@ def _print_done(cfg: dict, peft_snippet) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .launcher import LaunchError
     from .recipe.config import RecipeError
 
     parser = build_parser()
@@ -113,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return {"train": cmd_train, "loftq": cmd_loftq}[args.command](args)
-    except RecipeError as exc:
+        from .launch_cmd import cmd_launch
+
+        return {"train": cmd_train, "loftq": cmd_loftq, "launch": cmd_launch}[args.command](args)
+    except (RecipeError, LaunchError) as exc:
         print(f"dist-adapters {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from typing import Optional
 
 import torch
 
@@ -44,6 +46,27 @@ def save_checkpoint(root: str, step: int, engine, dist, meta: dict) -> str:
         os.replace(partial, final)
     barrier()
     return final
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The newest complete ``step_N`` under ``root`` (one with its trainer_state.json), or None.
+    A ``.step_N.partial`` left by a rank killed mid-write is never a candidate."""
+    if not os.path.isdir(root):
+        return None
+    steps = [(int(m.group(1)), name) for name in os.listdir(root) if (m := re.fullmatch(r"step_(\d+)", name))
+             and os.path.isfile(os.path.join(root, name, STATE_NAME))]
+    return os.path.join(root, max(steps)[1]) if steps else None
+
+
+def resume_source(cfg: dict) -> Optional[str]:
+    """Where the run starts from: ``train.resume_from`` as given; ``auto``, or a restart by
+    torchrun's elastic agent (TORCHELASTIC_RESTART_COUNT > 0), picks the newest complete
+    checkpoint of this run's output directory (none yet: from the start)."""
+    given = cfg["train"]["resume_from"]
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    if given == "auto" or (given is None and restarted):
+        return latest_checkpoint(os.path.join(cfg["train"]["output_dir"], "checkpoints"))
+    return given
 
 
 def read_state(directory: str) -> dict:

@@ -33,7 +33,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "parallel": {"strategy": "none", "tp_size": 1, "use_orig_params": False, "deepspeed_config": None,
                  "activation_checkpointing": False, "mixed_precision": None},
-    "launch": {"launcher": "torchrun", "nproc_per_node": 1, "nnodes": 1, "timeout_minutes": 30},
+    "launch": {"launcher": "torchrun", "nproc_per_node": 1, "nnodes": 1, "node_rank": 0, "master_addr": None,
+               "master_port": None, "local_addr": None, "hostfile": None, "max_restarts": 0,
+               "timeout_minutes": 30},
 }
 
 STRATEGIES = ("none", "ddp", "fsdp1", "fsdp2", "zero1", "zero2", "zero3", "tp", "fsdp2_tp")
@@ -137,9 +139,43 @@ def validate(cfg: dict, source: str) -> None:
                           f"of train.micro_batch_size ({train['micro_batch_size']})")
     if launch["launcher"] not in ("torchrun", "deepspeed", "mpirun", "srun"):
         raise RecipeError(f"{source}: launch.launcher must be torchrun, deepspeed, mpirun or srun")
+    _validate_launch(launch, source)
     if not isinstance(train["output_dir"], str) or not train["output_dir"]:
         raise RecipeError(f"{source}: train.output_dir must be a path")
     adapter_config(cfg)
+
+
+def _validate_launch(launch: dict, source: str) -> None:
+    """The launcher's own checks (launcher.validate), reported under the recipe's key names."""
+    from ..launch_cmd import spec_from_recipe
+    from ..launcher import LaunchError, validate as validate_spec
+
+    for key in ("node_rank", "max_restarts"):
+        if isinstance(launch[key], bool) or not isinstance(launch[key], int):
+            raise RecipeError(f"{source}: launch.{key} must be an integer, got {launch[key]!r}")
+    if launch["master_port"] is not None and (isinstance(launch["master_port"], bool)
+                                              or not isinstance(launch["master_port"], int)):
+        raise RecipeError(f"{source}: launch.master_port must be an integer, got {launch['master_port']!r}")
+    try:
+        validate_spec(spec_from_recipe(launch))
+    except LaunchError as exc:
+        message = str(exc)
+        for flag in ("node-rank", "max-restarts", "master-addr", "master-port", "local-addr", "nnodes", "nproc-per-node",
+                     "launcher", "hostfile"):
+            message = message.replace(f"--{flag}", f"launch.{flag.replace('-', '_')}")
+        raise RecipeError(f"{source}: {message}") from None
+
+
+def launch_world_size(launch: dict) -> int:
+    """Ranks the launch section starts: the hostfile's slots (deepspeed, mpirun) or nnodes x nproc."""
+    if launch["hostfile"] and launch["launcher"] in ("deepspeed", "mpirun"):
+        from ..launcher import LaunchError, read_hostfile
+
+        try:
+            return sum(slots for _, slots in read_hostfile(launch["hostfile"]))
+        except LaunchError as exc:
+            raise RecipeError(f"launch.hostfile: {exc}") from None
+    return launch["nnodes"] * launch["nproc_per_node"]
 
 
 TENSOR_PARALLEL = ("tp", "fsdp2_tp")

@@ -29,7 +29,7 @@ from ..parallel.deepspeed import setup_zero1, setup_zero2, setup_zero3
 from ..parallel.fsdp import setup_fsdp1, setup_fsdp2
 from ..parallel.tensor import setup_fsdp2_tp, setup_tp
 from . import builtin, loftq, quantization
-from .checkpoint import load_checkpoint, read_state, save_checkpoint
+from .checkpoint import load_checkpoint, read_state, resume_source, save_checkpoint
 from .config import RecipeError, adapter_config, check_world
 from .data import TextData, global_batch_indices, micro_batches, read_jsonl
 
@@ -46,10 +46,6 @@ def preflight(cfg: dict, world_size: int) -> list[str]:
     strategy = cfg["parallel"]["strategy"]
     if strategy == "none" and world_size > 1:
         raise RecipeError("parallel.strategy 'none' runs one process; use strategy ddp or launch.nproc_per_node: 1")
-    launch = cfg["launch"]
-    if launch["launcher"] != "torchrun" or launch["nnodes"] > 1:
-        raise RecipeError("launch: only single-node torchrun is available yet; multi-node and "
-                          "deepspeed/mpirun/srun launchers come with `dist-adapters launch` (issue 9)")
     if cfg["model"]["quantization"] is not None:
         quantization.settings(cfg)
     if cfg["model"]["path"] is not None and not os.path.isdir(cfg["model"]["path"]):
@@ -65,7 +61,7 @@ def preflight(cfg: dict, world_size: int) -> list[str]:
             pass
     except OSError as exc:
         raise RecipeError(f"train.output_dir {out!r} is not writable ({exc.strerror or exc})") from None
-    if cfg["train"]["resume_from"]:
+    if cfg["train"]["resume_from"] not in (None, "auto"):
         read_state(cfg["train"]["resume_from"])
     return read_jsonl(cfg["data"]["path"] or builtin.DATA_FILE)
 
@@ -94,6 +90,12 @@ def _load_model(cfg: dict, accumulation: int, world_size: int, device: torch.dev
     except (OSError, ValueError) as exc:
         raise RecipeError(f"model.path {path!r}: {' '.join(str(exc).split())[:300]}") from None
     return model, tokenizer
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    with open(path, encoding="utf-8") as fh:
+        rows = [line for line in fh.read().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(row + "\n" for row in rows))
 
 
 def _lr_at(step: int, train: dict) -> float:
@@ -182,9 +184,14 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
     engine = STRATEGIES[cfg["parallel"]["strategy"]](model, make_optimizer, dist, cfg, accumulation)
     data = TextData(texts, tokenizer, cfg["data"]["seq_len"])
     start = 0
-    if tr["resume_from"]:
-        start = load_checkpoint(tr["resume_from"], engine, dist)["step"]
+    source = resume_source(cfg)
+    if source:
+        start = load_checkpoint(source, engine, dist)["step"]
+        if dist.is_main:
+            print(f"resuming from {source} (step {start})", flush=True)
     metrics_path = os.path.join(out, "metrics.jsonl")
+    if start and dist.is_main and os.path.isfile(metrics_path):
+        _truncate_metrics(metrics_path, start)  # rows an interrupted attempt wrote past the checkpoint
     metrics = open(metrics_path, "a" if start else "w", encoding="utf-8") if dist.is_main else None
     t_start = time.perf_counter()
     first_loss = last_loss = None

@@ -1,0 +1,252 @@
+"""Issue 9: `dist-adapters launch`, rank discovery, hostfiles, failures and restarts.
+
+Every multi-process test starts real process managers (torchrun's elastic agent, the deepspeed
+launcher, OpenMPI's mpirun) and compares the trained adapter with a single node of 2 ranks."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dist_adapters.launcher import LaunchError, LaunchSpec, command, discover, expand_nodelist, free_port, read_hostfile
+from recipe_helpers import DEMO, ROOT, cli, max_adapter_diff, small
+
+DDP = {"parallel.strategy": "ddp", "train.steps": 6}
+
+
+def recipe_sets(out, **over) -> list[str]:
+    return small(out, **{**DDP, **over})
+
+
+def launch(*args, timeout=300, env=None, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dist_adapters.cli", "launch", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=timeout, env=env)
+
+
+def train_args(out, **over) -> list[str]:
+    return ["-m", "dist_adapters.cli", "train", DEMO, "--set", *recipe_sets(out, **over)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One node, 2 ranks, torchrun --standalone (the recipe launching itself)."""
+    out = tmp_path_factory.mktemp("launch") / "reference"
+    res = cli("train", DEMO, "--set", *recipe_sets(out, **{"launch.nproc_per_node": 2}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+# ----------------------------------------------------------------------------- command lines
+
+def test_dry_run_prints_each_launchers_command(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two hosts\nnode-a slots=2\nnode-b slots=2  # comment\n")
+    res = launch("--dry-run", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port",
+                 "29400", "--nproc-per-node", "4", "--max-restarts", "3", "--", "train.py", "--lr", "1")
+    assert res.returncode == 0, res.stderr
+    line = res.stdout.strip()
+    for part in ("-m torch.distributed.run", "--nproc-per-node=4", "--max-restarts=3", "--nnodes=2", "--node-rank=1",
+                 "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-conf=is_host=false",
+                 "train.py --lr 1"):
+        assert part in line, (part, line)
+    assert "--standalone" in launch("--dry-run", "--", "x.py").stdout
+    mpi = launch("--dry-run", "--launcher", "mpirun", "--hostfile", str(hostfile), "--", "-m", "pkg.mod").stdout
+    assert f"--hostfile {hostfile}" in mpi and "--bind-to none -np 4" in mpi and "MASTER_ADDR=node-a" in mpi
+    assert ("--allow-run-as-root" in mpi) == (os.geteuid() == 0) and mpi.strip().endswith("-m pkg.mod")
+    ds = launch("--dry-run", "--launcher", "deepspeed", "--hostfile", str(hostfile), "--", "-m", "pkg.mod").stdout
+    assert "--num_nodes=2" in ds and "--num_gpus=1" in ds and "--no_local_rank" in ds and "--module pkg.mod" in ds
+    srun = launch("--dry-run", "--launcher", "srun", "--nnodes", "2", "--nproc-per-node", "8", "--", "t.py").stdout
+    assert srun.startswith("srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 ")
+    assert not list(tmp_path.glob("*.log"))  # nothing ran
+
+
+@pytest.mark.parametrize("text,message", [
+    ("node-a slots=0\n", r"hosts:1: slots must be an integer > 0, got '0'"),
+    ("node-a slots=-2\n", r"hosts:1: slots must be an integer > 0, got '-2'"),
+    ("\nnode-a slots=two\n", r"hosts:2: slots must be an integer > 0, got 'two'"),
+    ("node-a;rm -rf / slots=2\n", r"hosts:1: 'node-a;rm' is not a valid host name"),
+    ("$(touch pwned) slots=1\n", r"hosts:1: '\$\(touch' is not a valid host name"),
+    ("node-a gpus=2\n", r"hosts:1: unknown field 'gpus=2'"),
+    ("node-a slots=1\nnode-a slots=1\n", r"hosts:2: host 'node-a' is listed twice"),
+    ("# only a comment\n", r"lists no host"),
+])
+def test_hostfile_errors_name_file_and_line(tmp_path, text, message):
+    (tmp_path / "hosts").write_text(text)
+    with pytest.raises(LaunchError, match=message):
+        read_hostfile(str(tmp_path / "hosts"))
+    res = launch("--dry-run", "--launcher", "mpirun", "--hostfile", str(tmp_path / "hosts"), "--", "x.py")
+    assert res.returncode == 2 and res.stderr.startswith("dist-adapters launch: error: ") and not res.stdout
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_launch_option_errors():
+    for args, message in [
+        (["--nnodes", "2", "--", "x.py"], "--nnodes > 1 with torchrun needs --master-addr"),
+        (["--launcher", "mpirun", "--max-restarts", "1", "--", "x.py"], "--max-restarts needs --launcher torchrun"),
+        (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h", "--", "x.py"], "--node-rank must be in [0, 2)"),
+        (["--master-addr", "a b", "--", "x.py"], "'a b' is not a valid host name"),
+        ([], "nothing to launch"),
+    ]:
+        res = launch("--dry-run", *args)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+
+
+def test_recipe_launch_errors_name_the_key():
+    from test_recipe import _one_line_error
+
+    _one_line_error(cli("train", DEMO, "--set", "launch.nnodes=2", "launch.node_rank=3", "launch.master_addr=h"),
+                    "launch.node_rank must be in [0, 2)")
+    _one_line_error(cli("train", DEMO, "--set", "launch.launcher=deepspeed", "launch.max_restarts=1"),
+                    "launch.max_restarts needs launch.launcher torchrun")
+
+
+def test_rank_discovery_from_each_launcher(monkeypatch):
+    cases = [
+        ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+          "MASTER_ADDR": "n0", "MASTER_PORT": "1234"}, ("3", "4", "1", "n0", "1234")),
+        ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1"}, ("1", "2", "1", "127.0.0.1", "29500")),
+        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+          "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "42"}, ("5", "8", "1", "gpu07", str(15000 + 42))),
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "a", "MASTER_PORT": "9"},
+         ("1", "2", "1", "a", "9")),  # torchrun / deepspeed: already set
+    ]
+    for given, (rank, world, local, addr, port) in cases:
+        env = dict(given)
+        monkeypatch.setattr(os, "environ", env)
+        assert discover()
+        assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"], env["MASTER_PORT"]) == \
+            (rank, world, local, addr, port), given
+    monkeypatch.setattr(os, "environ", {"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})  # an allocation, not an srun task
+    assert not discover()
+    assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+
+
+def test_command_is_an_argv_list_not_a_shell_string():
+    cmd, _ = command(LaunchSpec(nproc_per_node=2), ["train.py", "--name", "a b; echo x"])
+    assert cmd[-3:] == ["train.py", "--name", "a b; echo x"]
+
+
+# ----------------------------------------------------------------------------- real launches
+
+def test_two_nodes_on_one_machine_equal_one_node(reference, tmp_path):
+    port = str(free_port())
+    out = tmp_path / "two_nodes"
+    procs = [subprocess.Popen([sys.executable, "-m", "dist_adapters.cli", "launch", "--nnodes", "2", "--node-rank",
+                               str(r), "--master-addr", "127.0.0.1", "--master-port", port, "--",
+                               *train_args(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    diff = max_adapter_diff(reference, out)
+    print(f"2 nodes x 1 rank (c10d on 127.0.0.1) vs 1 node x 2 ranks: {diff:.2e}")
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "deepspeed"])
+def test_other_launchers_give_the_same_adapter(reference, tmp_path, launcher):
+    out = tmp_path / launcher
+    res = cli("train", DEMO, "--set", *recipe_sets(out, **{"launch.nproc_per_node": 2, "launch.launcher": launcher}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"dist-adapters launch: " in res.stdout and (launcher in res.stdout)
+    diff = max_adapter_diff(reference, out)
+    print(f"{launcher} 2 ranks vs torchrun 2 ranks: {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def fault_run(tmp_path, mode, step, *launch_args):
+    out, marker = tmp_path / mode, tmp_path / "killed_at"
+    cmd = [sys.executable, "-m", "dist_adapters.cli", "launch", "--nproc-per-node", "2", *launch_args, "--",
+           os.path.join(ROOT, "tests", "dist", "recipe_fault.py"), mode, str(step), str(marker), DEMO,
+           "--set", *recipe_sets(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    ended = time.time()
+    return res, out, float(marker.read_text()) if marker.exists() else None, ended
+
+
+def test_killed_rank_ends_the_job_quickly(tmp_path):
+    res, out, killed, ended = fault_run(tmp_path, "kill_rank1", 3)
+    assert killed is not None, res.stderr[-3000:]
+    print(f"launch exited {ended - killed:.1f} s after the SIGKILL, code {res.returncode}")
+    assert res.returncode != 0 and ended - killed < 30
+    assert not (out / "adapter").exists()
+
+
+def test_killed_rank_with_restart_resumes_to_the_same_adapter(reference, tmp_path):
+    res, out, killed, _ = fault_run(tmp_path, "kill_rank1", 3, "--max-restarts", "1")
+    assert res.returncode == 0 and killed is not None, res.stderr[-3000:]
+    assert "resuming from" in res.stdout and "step_2 (step 2)" in res.stdout
+    steps = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 6  # the interrupted attempt's rows past the checkpoint were dropped
+    diff = max_adapter_diff(reference, out)
+    print(f"SIGKILL at step 3 + restart vs uninterrupted: {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_killed_during_checkpoint_write_resumes_from_the_previous_one(reference, tmp_path):
+    res, out, killed, _ = fault_run(tmp_path, "kill_in_checkpoint", 4, "--max-restarts", "1")
+    assert res.returncode == 0 and killed is not None, res.stderr[-3000:]
+    assert "step_2 (step 2)" in res.stdout  # not the half-written step_4
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_2", "step_4", "step_6"]  # the partial was redone
+    diff = max_adapter_diff(reference, out)
+    print(f"SIGKILL inside checkpoint step_4 + restart vs uninterrupted: {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def _netns_available() -> str:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "iproute2 ('ip') is not installed"
+    name = f"da_probe_{os.getpid()}"
+    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"'ip netns add' fails here: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], check=True)
+    return ""
+
+
+@pytest.mark.skipif(bool(_netns_available()), reason=_netns_available() or "n/a")
+def test_two_nodes_in_two_network_namespaces(reference, tmp_path):
+    tag = str(os.getpid() % 100000)
+    ns, veth, addr = [f"dan{i}_{tag}" for i in (0, 1)], [f"dav{i}_{tag}" for i in (0, 1)], ["10.77.0.1", "10.77.0.2"]
+    setup = [["ip", "netns", "add", ns[0]], ["ip", "netns", "add", ns[1]],
+             ["ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1]]]
+    for i in (0, 1):
+        setup += [["ip", "link", "set", veth[i], "netns", ns[i]], ["ip", "-n", ns[i], "addr", "add", f"{addr[i]}/24",
+                                                                    "dev", veth[i]],
+                  ["ip", "-n", ns[i], "link", "set", veth[i], "up"], ["ip", "-n", ns[i], "link", "set", "lo", "up"]]
+    out = tmp_path / "netns"
+    try:
+        for step in setup:
+            subprocess.run(step, check=True, capture_output=True)
+        port = str(free_port())
+        procs = []
+        for i in (0, 1):
+            cmd = ["ip", "netns", "exec", ns[i], "env", f"GLOO_SOCKET_IFNAME={veth[i]}", sys.executable, "-m",
+                   "dist_adapters.cli", "launch", "--nnodes", "2", "--node-rank", str(i), "--master-addr", addr[0],
+                   "--local-addr", addr[i], "--master-port", port, "--", *train_args(out)]
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+    finally:
+        for name in ns:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    diff = max_adapter_diff(reference, out)
+    print(f"2 nodes in 2 network namespaces over a veth pair vs 1 node: {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_launch_scripts_parse_and_example_hostfile_is_valid():
+    folder = os.path.join(ROOT, "launch")
+    scripts = sorted(f for f in os.listdir(folder) if f.endswith((".sh", ".sbatch")))
+    assert scripts == ["deepspeed_hostfile.sh", "mpirun.sh", "slurm.sbatch", "torchrun_multinode.sh"]
+    for name in scripts:
+        text = open(os.path.join(folder, name)).read()
+        assert subprocess.run(["bash", "-n", os.path.join(folder, name)]).returncode == 0, name
+        assert "dist-adapters launch --launcher" in text, name
+    assert read_hostfile(os.path.join(folder, "hostfile.example")) == [("node-0", 8), ("node-1", 8)]
