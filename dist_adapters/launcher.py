@@ -233,11 +233,6 @@ def _srun(spec, is_module, target):
     return cmd + (["-m"] if is_module else []) + target, env
 
 
-def torchrun_command(nproc_per_node: int, module_args: list[str]) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node N -m <module_args>``."""
-    return command(LaunchSpec(nproc_per_node=nproc_per_node), ["-m", *module_args])[0]
-
-
 # ----------------------------------------------------------------------------- rank discovery
 
 def discover() -> bool:

@@ -21,9 +21,9 @@ def recipe_sets(out, **over) -> list[str]:
     return small(out, **{**DDP, **over})
 
 
-def launch(*args, timeout=300, env=None, **popen) -> subprocess.CompletedProcess:
+def launch(*args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dist_adapters.cli", "launch", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=timeout, env=env)
+                          text=True, cwd=ROOT, timeout=timeout)
 
 
 def train_args(out, **over) -> list[str]:
@@ -151,7 +151,7 @@ def test_other_launchers_give_the_same_adapter(reference, tmp_path, launcher):
     out = tmp_path / launcher
     res = cli("train", DEMO, "--set", *recipe_sets(out, **{"launch.nproc_per_node": 2, "launch.launcher": launcher}))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"dist-adapters launch: " in res.stdout and (launcher in res.stdout)
+    assert "dist-adapters launch: " in res.stdout and (launcher in res.stdout)
     diff = max_adapter_diff(reference, out)
     print(f"{launcher} 2 ranks vs torchrun 2 ranks: {diff:.2e}")
     assert diff <= 1e-5

@@ -38,7 +38,7 @@ def check(cfg: dict, adapter_cfg: LoraConfig) -> None:
     q = cfg["model"]["quantization"]
     if q is None:
         return
-    q = {**quantization.KEYS, **q} if isinstance(q, dict) else q  # preflight validated it already
+    q = {**quantization.KEYS, **q}  # a mapping: preflight ran quantization.settings before this
     bits = adapter_cfg.loftq_config.loftq_bits
     if q["bits"] != 4 or q["quant_type"] != "nf4" or q["double_quant"] or bits != 4:
         raise RecipeError("adapter.init_lora_weights: loftq with model.quantization needs bits: 4, quant_type: nf4, "
