@@ -1,15 +1,39 @@
 """dist_adapters: LoRA, trainable tokens and modules_to_save built to run sharded, saved in the
-Hugging Face PEFT format. Public API (see DESIGN.md); nothing else is exported here."""
+Hugging Face PEFT format. Public API (see DESIGN.md); nothing else is exported here.
 
-from .checkpoint.peft_format import adapter_state_dict, load_adapter, save_adapter
-from .config import LoftQConfig, LoraConfig, TrainableTokensConfig
-from .control import disabled, set_adapter
-from .inject import inject
-from .merge import merge, unload, unmerge
+The names resolve on first use (PEP 562), so that command-line tools that need only part of
+the package (``dist-adapters consolidate`` / ``inspect``) do not pay for importing all of it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "LoraConfig": ".config", "TrainableTokensConfig": ".config", "LoftQConfig": ".config",
+    "inject": ".inject",
+    "adapter_state_dict": ".checkpoint.peft_format", "save_adapter": ".checkpoint.peft_format",
+    "load_adapter": ".checkpoint.peft_format",
+    "merge": ".merge", "unmerge": ".merge", "unload": ".merge",
+    "disabled": ".control", "set_adapter": ".control",
+}
 
 __all__ = [
     "LoraConfig", "TrainableTokensConfig", "LoftQConfig", "inject", "adapter_state_dict",
     "save_adapter", "load_adapter", "merge", "unmerge", "unload", "disabled", "set_adapter",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'dist_adapters' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

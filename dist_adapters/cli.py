@@ -3,9 +3,11 @@
     dist-adapters train CONFIG.yaml [--set key=value ...]
     dist-adapters launch [--launcher L --nnodes N --node-rank R --master-addr A ...] -- SCRIPT ARGS
     dist-adapters loftq MODEL_DIR OUT [--bits 4 --rank 16 --iters 5 --alpha A ...]
+    dist-adapters consolidate SRC OUT [--tag T --config C --dtype bf16 --split qkv_proj=q_proj:N,...]
+    dist-adapters inspect PATH [--tag T --json]
 
 Errors in the user's input (config, data, paths, hostfiles) print one line and exit 2, without a
-traceback. Sub-commands `consolidate` and `inspect` come with their issue.
+traceback.
 """
 
 from __future__ import annotations
@@ -50,7 +52,97 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rank-r SVD: randomized block Krylov (auto: for matrices >= 1024) or full")
     loftq.add_argument("--quantizer", choices=["torch", "bnb"], default="torch",
                        help="nf quantizer: plain torch, or bitsandbytes' nf4 kernels (bits 4)")
+    add_checkpoint_parsers(sub)
     return parser
+
+
+def add_checkpoint_parsers(sub) -> None:
+    cons = sub.add_parser("consolidate", help="a sharded checkpoint (ZeRO-1/2/3, DCP, accelerate FSDP, Megatron TP, "
+                                              "PEFT) to a PEFT adapter directory",
+                          description="Read only the adapter's tensors of SRC (one at a time, files memory-mapped) "
+                                      "and write a PEFT directory OUT (adapter_model.safetensors + "
+                                      "adapter_config.json) that peft, transformers and vLLM load. SRC is only read.")
+    cons.add_argument("src", metavar="SRC", help="checkpoint directory or file")
+    cons.add_argument("out", metavar="OUT", help="output PEFT directory")
+    inspect = sub.add_parser("inspect", help="what a checkpoint or adapter directory holds",
+                             description="Print the format, world size, ZeRO stage and tag, the adapter's keys "
+                                         "(peft names) with shapes and dtypes, and its adapter_config.json.")
+    inspect.add_argument("src", metavar="PATH", help="checkpoint directory or file")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    for p in (cons, inspect):
+        p.add_argument("--tag", default=None, help="DeepSpeed tag to read (default: the 'latest' file)")
+        p.add_argument("--adapter-name", default=None, help="adapter to take when the checkpoint holds several "
+                                                            "(default: 'default' or the only one)")
+        p.add_argument("--strip-prefix", default="", metavar="PREFIX",
+                       help="outer prefix of every key, e.g. 'model.' for a DCP saved as {'model': state_dict} "
+                            "(accelerate's pytorch_model_fsdp_N/ is recognised by itself)")
+    cons.add_argument("--config", default=None, help="adapter_config.json (or its directory) to write; default: "
+                                                     "found next to SRC or its run directory, else inferred")
+    cons.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                      help="output dtype (default: as stored; ZeRO's fp32 masters stay fp32)")
+    cons.add_argument("--split", action="append", default=[], metavar="FUSED=NAME:ROWS,...",
+                      help="split a fused projection's LoRA into per-projection keys, e.g. "
+                           "qkv_proj=q_proj:4096,k_proj:1024,v_proj:1024 (repeatable)")
+    cons.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _parse_split(items: list[str]) -> dict:
+    spec = {}
+    for item in items:
+        fused, _, parts = item.partition("=")
+        try:
+            spec[fused.strip()] = [(n.strip(), int(size)) for n, size in (p.split(":") for p in parts.split(","))]
+        except ValueError:
+            raise ValueError(f"--split {item!r}: expected FUSED=NAME:ROWS,NAME:ROWS,... "
+                             "(e.g. qkv_proj=q_proj:4096,k_proj:1024,v_proj:1024)") from None
+        if not fused.strip() or not spec[fused.strip()]:
+            raise ValueError(f"--split {item!r}: expected FUSED=NAME:ROWS,...")
+    return spec
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    import os
+
+    from .checkpoint.consolidate import consolidate
+
+    warn = lambda msg: print(f"dist-adapters consolidate: warning: {msg}", file=sys.stderr)  # noqa: E731
+    done = consolidate(args.src, args.out, tag=args.tag, config=args.config, dtype=args.dtype,
+                       adapter_name=args.adapter_name, strip_prefix=args.strip_prefix,
+                       split=_parse_split(args.split), quiet=args.quiet, warn=warn)
+    where = f", tag {done['tag']}" if done.get("tag") else ""
+    print(f"{done['format']} ({done['world_size']} ranks{where}) -> {os.path.abspath(done['out'])}: "
+          f"{done['tensors']} tensors, {done['bytes'] / 2**20:.2f} MiB, adapter {done['adapter_name']!r}, "
+          f"config: {done['config']}")
+    if done["other_adapters"]:
+        print(f"also in the checkpoint (not written): adapters {done['other_adapters']}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .checkpoint.consolidate import inspect
+
+    info = inspect(args.src, tag=args.tag, adapter_name=args.adapter_name, strip_prefix=args.strip_prefix)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for key in ("format", "path", "world_size", "stage", "tag", "tp_size", "deepspeed_version", "files",
+                "tensors_total", "adapter_name", "other_adapters", "adapter_parameters", "config_file"):
+        if info.get(key) not in (None, []):
+            print(f"{key:18} {info[key]}")
+    if info.get("adapter") is None:
+        print(f"adapter            none: {info['note']}")
+        return 0
+    width = max(len(k) for k in info["adapter"])
+    print(f"adapter tensors    {len(info['adapter'])}")
+    for key, meta in info["adapter"].items():
+        print(f"  {key:{width}}  {str(tuple(meta['shape'])):14} {meta['dtype']}")
+    if info.get("config"):
+        print("config\n" + json.dumps(info["config"], indent=2))
+    else:
+        print("config             none found (consolidate would infer one from the shapes)")
+    return 0
 
 
 def cmd_loftq(args: argparse.Namespace) -> int:
@@ -110,6 +202,7 @@ def _print_done(cfg: dict, peft_snippet) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint.safe_load import CheckpointError
     from .launcher import LaunchError
     from .recipe.config import RecipeError
 
@@ -121,8 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .launch_cmd import cmd_launch
 
-        return {"train": cmd_train, "loftq": cmd_loftq, "launch": cmd_launch}[args.command](args)
-    except (RecipeError, LaunchError) as exc:
+        commands = {"train": cmd_train, "loftq": cmd_loftq, "launch": cmd_launch,
+                    "consolidate": cmd_consolidate, "inspect": cmd_inspect}
+        return commands[args.command](args)
+    except (RecipeError, LaunchError, CheckpointError) as exc:
+        print(f"dist-adapters {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        if args.command not in ("consolidate", "inspect"):
+            raise
         print(f"dist-adapters {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

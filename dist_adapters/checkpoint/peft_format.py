@@ -41,10 +41,8 @@ from ..layers.tokens import TiedTokensHead
 from ..parallel.fsdp import is_fsdp1
 from ..parallel.state import barrier, clean_name, full_shape, iter_params, rank, read_full, write_full
 from .atomic import atomic_path
+from .peft_names import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME  # noqa: F401 (re-exported)
 
-PREFIX = "base_model.model."
-WEIGHTS_NAME = "adapter_model.safetensors"
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 _LORA_FACTOR = re.compile(r"^(?P<m>.+)\.(?P<kind>lora_A|lora_B)\.(?P<a>[^.]+)\.weight$")
 _EMB_FACTOR = re.compile(r"^(?P<m>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)\.(?P<a>[^.]+)\.weight$")

@@ -1,0 +1,119 @@
+"""Run under torchrun (2 ranks): train a tiny model with an adapter a couple of steps under a
+plain engine and save the engine's own sharded checkpoint, the way a user who never heard of
+dist_adapters would. Used by tests/test_consolidate.py and benchmarks/consolidate.py.
+
+    write_checkpoints.py KIND ADAPTER OUT [--stage S] [--hidden H --inter I --layers L]
+
+KIND: zero (deepspeed.initialize + save_checkpoint), dcp (FSDP2 + torch.distributed.checkpoint),
+accelerate (accelerate's save_fsdp_model: OUT/ckpt/pytorch_model_fsdp_0/, keys under "model.").
+ADAPTER: ours (dist_adapters.inject) or peft (peft.get_peft_model).
+
+Writes OUT/base_model (HF save_pretrained, before the adapter), OUT/ckpt (the checkpoint),
+OUT/logits.pt (the trained model's logits on helpers.input_ids()) and OUT/adapter_config.json
+(the adapter's PEFT config, as `save_pretrained` would write it next to a checkpoint).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from helpers import input_ids  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("kind", choices=["zero", "dcp", "accelerate"])
+parser.add_argument("adapter", choices=["ours", "peft"])
+parser.add_argument("out")
+parser.add_argument("--stage", type=int, default=3)
+parser.add_argument("--hidden", type=int, default=36)   # odd numels: r=3 x 45 exercises ZeRO padding
+parser.add_argument("--inter", type=int, default=45)
+parser.add_argument("--layers", type=int, default=2)
+parser.add_argument("--vocab", type=int, default=128)
+parser.add_argument("--r", type=int, default=3)
+parser.add_argument("--tokens", action="store_true", help="trainable tokens too (ours only)")
+parser.add_argument("--steps", type=int, default=2)
+args = parser.parse_args()
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
+                  num_hidden_layers=args.layers, num_attention_heads=3, num_key_value_heads=1,
+                  max_position_embeddings=64, attn_implementation="eager")
+model = LlamaForCausalLM(cfg)
+if rank == 0:
+    model.save_pretrained(os.path.join(args.out, "base_model"))
+targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+if args.adapter == "ours":
+    import dist_adapters as da
+
+    config = da.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets, init_lora_weights=False,
+                           rank_pattern={"down_proj": args.r + 1},
+                           trainable_token_indices=[3, 5, 100] if args.tokens else None)
+    da.inject(model, config)
+    peft_config = config.to_dict() | {"base_model_name_or_path": os.path.join(args.out, "base_model")}
+else:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets, init_lora_weights=False,
+                        rank_pattern={"down_proj": args.r + 1},
+                        base_model_name_or_path=os.path.join(args.out, "base_model"))
+    model = get_peft_model(model, config)
+    peft_config = config.to_dict()
+ids = input_ids()
+ckpt = os.path.join(args.out, "ckpt")
+
+if args.kind == "zero":
+    import deepspeed
+
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                 "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": args.stage}}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    for _ in range(args.steps):
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    engine.eval()
+    with torch.no_grad():
+        logits = engine(input_ids=ids).logits
+    engine.save_checkpoint(ckpt, tag=f"global_step{args.steps}")
+else:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (model.base_model.model if args.adapter == "peft" else model).model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(args.steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    if args.kind == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(model.state_dict(), checkpoint_id=ckpt)
+    else:
+        from accelerate import PartialState
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        from accelerate.utils.fsdp_utils import save_fsdp_model
+        from torch.distributed.fsdp import StateDictType
+
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type=StateDictType.SHARDED_STATE_DICT)
+        accel = PartialState()  # accelerate's process state over the group torchrun started
+        save_fsdp_model(plugin, accel, model, ckpt)
+if rank == 0:
+    torch.save(logits, os.path.join(args.out, "logits.pt"))
+    with open(os.path.join(args.out, "adapter_config.json"), "w", encoding="utf-8") as fh:
+        json.dump(peft_config, fh, indent=2, default=list)
+dist.barrier()
+dist.destroy_process_group()
