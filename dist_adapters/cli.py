@@ -13,7 +13,6 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 
 from . import __version__
@@ -202,27 +201,28 @@ def _print_done(cfg: dict, peft_snippet) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint.safe_load import CheckpointError
-    from .launcher import LaunchError
-    from .recipe.config import RecipeError
+    from .checkpoint.allow_list import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    try:
-        from .launch_cmd import cmd_launch
+    if args.command in ("consolidate", "inspect"):  # offline tools: no launcher / torch import
+        user_errors: tuple = (CheckpointError, FileNotFoundError, ValueError)
+    else:
+        from .launcher import LaunchError
+        from .recipe.config import RecipeError
 
-        commands = {"train": cmd_train, "loftq": cmd_loftq, "launch": cmd_launch,
-                    "consolidate": cmd_consolidate, "inspect": cmd_inspect}
+        user_errors = (RecipeError, LaunchError, CheckpointError)
+    try:
+        if args.command == "launch":
+            from .launch_cmd import cmd_launch
+
+            return cmd_launch(args)
+        commands = {"train": cmd_train, "loftq": cmd_loftq, "consolidate": cmd_consolidate, "inspect": cmd_inspect}
         return commands[args.command](args)
-    except (RecipeError, LaunchError, CheckpointError) as exc:
-        print(f"dist-adapters {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as exc:
-        if args.command not in ("consolidate", "inspect"):
-            raise
+    except user_errors as exc:
         print(f"dist-adapters {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -230,6 +231,14 @@ def config_from_dict(data: dict, source: str = "<dict>") -> AdapterConfig:
         return cls(**known, extra=extra)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{source}: {exc}") from exc
+
+
+def get_pattern_key(pattern_keys, name: str) -> str:
+    """The rank_pattern / alpha_pattern key matching ``name`` (full name or dotted suffix)."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return name
 
 
 def load_config(directory: str) -> AdapterConfig:

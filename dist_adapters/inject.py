@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .config import LoraConfig, TrainableTokensConfig
+from .config import LoraConfig, TrainableTokensConfig, get_pattern_key
 from .control import adapter_configs, adapter_layers, unwrap, ADAPTER_LAYER_TYPES
 from .layers.lora import LoraEmbedding, LoraLinear
 from .layers.modules_to_save import ModulesToSave
@@ -96,14 +96,6 @@ except ImportError:  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------- matching
-
-def get_pattern_key(pattern_keys, name: str) -> str:
-    """The rank_pattern / alpha_pattern key matching ``name`` (full name or dotted suffix)."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return name
-
 
 def _suffix_match(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)

@@ -19,9 +19,11 @@ import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 LAUNCHERS = ("torchrun", "deepspeed", "mpirun", "srun")
 DEFAULT_PORT = 29500
@@ -199,6 +201,8 @@ def _deepspeed(spec, is_module, target):
             cmd.append(f"--master_addr={spec.master_addr}")
     # on CPU the launcher would start one process per NUMA node without it (FIELD-NOTES)
     cmd.append(f"--num_gpus={spec.nproc_per_node}")
+    import torch  # here, not at the top: building command lines must not cost a torch import
+
     env = {} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"}
     return cmd + (["--module"] if is_module else []) + target, env
 
@@ -276,6 +280,9 @@ def init_distributed(timeout_minutes: float = 30, need_group: bool = False) -> D
     The timeout bounds every collective: a rank that died makes the others fail within it
     instead of hanging forever.
     """
+    import torch
+    import torch.distributed
+
     dist = torch.distributed
     launched = discover()
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -21,7 +21,7 @@ from torch import nn
 import dist_adapters as da
 from dist_adapters.cli import main as cli_main
 from dist_adapters.init import loftq as lq
-from helpers import input_ids, logits, tiny_llama
+from helpers import logits, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -136,6 +136,26 @@ def test_megatron_shards_round_trip(runs):
     assert os.path.isfile(runs["tp2"][0] / "shards_tp2" / "adapter_config.json")
 
 
+def test_consolidate_tp2_shards_equals_the_single_process_adapter(runs, tmp_path):
+    """`dist-adapters consolidate` on the trained TP=2 shards: column/row factors concatenated,
+    replicated ones de-duplicated; equal to the single-process (TP 1) run's adapter."""
+    from recipe_helpers import cli
+
+    res = cli("consolidate", str(runs["tp2"][0] / "trained_shards_tp2"), str(tmp_path / "out"), "--quiet")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Megatron TP shards" in res.stdout and "2 ranks" in res.stdout
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    single = load_file(runs["tp1"][0] / "trained_tp1.safetensors")
+    same_run = load_file(runs["tp2"][0] / "trained_tp2.safetensors")
+    assert sorted(got) == sorted(single) == sorted(same_run)
+    diff = max((got[k] - single[k]).abs().max().item() for k in single)
+    print(f"consolidated TP=2 shards vs single-process adapter: {diff:.2e}")
+    assert diff <= TOL
+    assert max((got[k] - same_run[k]).abs().max().item() for k in got) == 0.0
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["r"] == R and sorted(config["target_modules"]) == ["fc1", "fc2"]
+
+
 def test_read_megatron_shards_errors_name_the_file(runs, tmp_path):
     src = runs["tp2"][0] / "shards_tp2"
 

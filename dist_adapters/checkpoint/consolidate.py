@@ -12,39 +12,43 @@ and what a checkpoint holds (``dist-adapters inspect``).
                        file first, adapter_config.json last. SRC is only read.
 
 Peak memory is the adapter plus one tensor: the readers map files instead of loading them and
-touch only the adapter's slices.
+touch only the adapter's slices. A DeepSpeed checkpoint is read and written without importing
+torch (torch_zip; arrays are numpy); the other readers use torch, imported when needed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import warnings
 from collections import Counter
-from typing import Optional
+from typing import Any, Optional
 
-import torch
-from safetensors.torch import save_file
+import numpy as np
 
-from ..config import CONFIG_NAME, LoraConfig, TrainableTokensConfig, config_from_dict, load_config
+from ..config import CONFIG_NAME, LoraConfig, TrainableTokensConfig, config_from_dict, get_pattern_key, load_config
+from .allow_list import CheckpointError
 from .atomic import atomic_path
-from .dcp_reader import DcpCheckpoint, find_dcp_dir
 from .keys import AdapterKeys, module_of
 from .peft_names import PREFIX, WEIGHTS_NAME
-from .safe_load import CheckpointError
-from .small_readers import (FileSource, MegatronSource, PeftDirSource, is_megatron_dir, is_peft_dir,
-                            refuse_per_rank_files)
 from .zero_reader import ZeroCheckpoint, is_zero_dir
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def open_source(path: str, tag: Optional[str] = None):
     """The reader for ``path``; the checks run in order of how specific a layout is."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
+    if os.path.isdir(path) and (is_zero_dir(path) or (tag is not None and is_zero_dir(os.path.join(path, tag)))):
+        return ZeroCheckpoint(path, tag)  # first: it needs no torch
+    from .dcp_reader import DcpCheckpoint, find_dcp_dir  # these readers import torch
+    from .small_readers import (FileSource, MegatronSource, PeftDirSource, is_megatron_dir, is_peft_dir,
+                                refuse_per_rank_files)
+
     if os.path.isfile(path):
         return FileSource(path)
     if is_peft_dir(path):
@@ -53,8 +57,6 @@ def open_source(path: str, tag: Optional[str] = None):
         return PeftDirSource(os.path.join(path, "adapter"))
     if is_megatron_dir(path):
         return MegatronSource(path)
-    if is_zero_dir(path) or (tag is not None and is_zero_dir(os.path.join(path, tag))):
-        return ZeroCheckpoint(path, tag)
     dcp = find_dcp_dir(path)
     if dcp is not None:
         return DcpCheckpoint(dcp)
@@ -104,7 +106,7 @@ def infer_config(shapes: dict[str, tuple], with_lora: bool, warn) -> LoraConfig:
     pattern = {m: v for m, v in sorted(ranks.items()) if v != r}
     warn(f"no {CONFIG_NAME} found: inferred r={r}, target_modules={sorted(targets)}"
          + (f", rank_pattern for {len(pattern)} modules" if pattern else "")
-         + f"; lora_alpha is unknown and set to r (scaling 1.0). Pass --config to keep the run's values")
+         + "; lora_alpha is unknown and set to r (scaling 1.0). Pass --config to keep the run's values")
     return LoraConfig(r=r, lora_alpha=r, target_modules=sorted(targets), rank_pattern=pattern,
                       modules_to_save=sorted(saved) or None)
 
@@ -129,8 +131,6 @@ def find_config(src: str, source, given: Optional[str], shapes: dict, with_lora:
 
 # ------------------------------------------------------------------------------- checks
 def _rank_for(config: LoraConfig, module: str) -> int:
-    from ..inject import get_pattern_key
-
     return config.rank_pattern.get(get_pattern_key(config.rank_pattern, module), config.r)
 
 
@@ -144,11 +144,47 @@ def _token_count(config, module: str) -> Optional[int]:
     return len(indices) if indices else None
 
 
-def check_shapes(tensors: dict[str, torch.Tensor], config, origin: str) -> None:
+def _convert(t: Any, dtype: str) -> Any:
+    """numpy arrays stay numpy for fp32 / fp16; bf16 (which numpy lacks) goes through torch."""
+    if isinstance(t, np.ndarray):
+        if dtype != "bfloat16":
+            return t.astype(dtype)
+        import torch
+
+        t = torch.from_numpy(t)
+    import torch
+
+    return t.to(getattr(torch, dtype))
+
+
+def _copy(t: Any) -> Any:
+    return np.array(t) if isinstance(t, np.ndarray) else t.contiguous().clone()
+
+
+def _nbytes(t: Any) -> int:
+    return t.nbytes if isinstance(t, np.ndarray) else t.numel() * t.element_size()
+
+
+def _save(tensors: dict, path: str) -> None:
+    """safetensors, without torch when every tensor is a numpy array."""
+    tensors = dict(sorted(tensors.items()))
+    if all(isinstance(t, np.ndarray) for t in tensors.values()):
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata={"format": "pt"})
+        return
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v.contiguous()
+               for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def check_shapes(tensors: dict, config, origin: str) -> None:
     """lora_A [r, in] / lora_B [out, r] with r of the config, A and B agreeing, token rows
     matching the indices; errors name the key and the config file."""
     for key, t in tensors.items():
-        if t.numel() == 0:
+        if math.prod(t.shape) == 0:
             raise CheckpointError(f"key {key!r} is empty (shape {tuple(t.shape)}): a ZeRO-3 parameter saved "
                                   "without gathering? Consolidate the optimizer-state checkpoint instead")
         module = module_of(key)
@@ -157,7 +193,7 @@ def check_shapes(tensors: dict[str, torch.Tensor], config, origin: str) -> None:
                 raise CheckpointError(f"key {key!r} is a LoRA factor but {origin} is not a LoRA config")
             r = _rank_for(config, module)
             is_a = key.endswith(("lora_A.weight", "lora_embedding_A"))
-            if t.dim() != 2 or t.shape[0 if is_a else 1] != r:
+            if len(t.shape) != 2 or t.shape[0 if is_a else 1] != r:
                 want = "[r, in]" if is_a else "[out, r]"
                 raise CheckpointError(f"key {key!r} has shape {tuple(t.shape)}; lora_{'A' if is_a else 'B'} is "
                                       f"{want} with r={r} from {origin}")
@@ -171,7 +207,7 @@ def check_shapes(tensors: dict[str, torch.Tensor], config, origin: str) -> None:
                                       "token indices for it")
 
 
-def split_fused(tensors: dict[str, torch.Tensor], config, spec: dict[str, list[tuple[str, int]]]):
+def split_fused(tensors: dict, config, spec: dict[str, list[tuple[str, int]]]):
     """Fused projections -> per-projection keys: ``{"qkv_proj": [("q_proj", 4096), ("k_proj",
     1024), ("v_proj", 1024)]}``. lora_B [sum(out), r] is cut along its rows; lora_A is shared
     (x A^T feeds every projection) and copied to each."""
@@ -188,11 +224,12 @@ def split_fused(tensors: dict[str, torch.Tensor], config, spec: dict[str, list[t
             if t.shape[0] != total:
                 raise CheckpointError(f"--split {fused}: key {key!r} has {t.shape[0]} output rows, the split "
                                       f"sizes add up to {total}")
-            pieces = torch.split(t, [size for _, size in parts])
+            starts = np.cumsum([0] + [size for _, size in parts])
+            pieces = [t[a:b] for a, b in zip(starts[:-1], starts[1:])]
         else:
             pieces = [t] * len(parts)
         for (name, _), piece in zip(parts, pieces):
-            out[key.replace(f"{module}.", f"{parent}{name}.", 1)] = piece.contiguous().clone()
+            out[key.replace(f"{module}.", f"{parent}{name}.", 1)] = _copy(piece)
         done.add(fused)
     if isinstance(config, LoraConfig) and done:
         names = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
@@ -223,21 +260,22 @@ def consolidate(src: str, out: str, *, tag: Optional[str] = None, config: Option
     if _inside(out, src) or _inside(src, out):
         raise ValueError(f"OUT {out!r} and SRC {src!r} overlap: the source is never written to; choose another OUT")
     source = open_source(src, tag)
-    keys = AdapterKeys(source.names, getattr(source, "dir", src), adapter_name, strip_prefix or source.outer_prefix)
+    keys = AdapterKeys(source.names, getattr(source, "dir", src), adapter_name, strip_prefix or source.outer_prefix,
+                       getattr(source, "peft_keys", False))
     shapes = {k: source.shapes[v] for k, v in keys.to_source.items()}
-    cfg, origin = find_config(src, source, config, shapes, keys.with_lora, warn)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Any] = {}
     for key, name in _progress(keys.to_source.items(), "consolidating", quiet):
         t = source.read(name)
-        tensors[key] = t.to(DTYPES[dtype]) if dtype else t
+        tensors[key] = _convert(t, DTYPES[dtype]) if dtype else t
+    cfg, origin = find_config(src, source, config, shapes, keys.with_lora, warn)
     check_shapes(tensors, cfg, origin)
     if split:
         tensors, cfg = split_fused(tensors, cfg, split)
     os.makedirs(out, exist_ok=True)
     with atomic_path(os.path.join(out, WEIGHTS_NAME)) as tmp:
-        save_file(dict(sorted(tensors.items())), tmp, metadata={"format": "pt"})
+        _save(tensors, tmp)
     cfg.save(out, inference_mode=True)
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    size = sum(_nbytes(t) for t in tensors.values())
     return {**source.describe(), "adapter_name": keys.adapter_name, "tensors": len(tensors), "bytes": size,
             "config": origin, "out": out, "other_adapters": keys.others}
 
@@ -249,7 +287,7 @@ def inspect(path: str, tag: Optional[str] = None, adapter_name: Optional[str] = 
     info = source.describe()
     try:
         keys = AdapterKeys(source.names, getattr(source, "dir", path), adapter_name,
-                           strip_prefix or source.outer_prefix)
+                           strip_prefix or source.outer_prefix, getattr(source, "peft_keys", False))
     except ValueError as exc:
         return {**info, "adapter": None, "note": str(exc), "tensors_total": len(source.names)}
     shapes = {k: source.shapes[v] for k, v in keys.to_source.items()}
@@ -259,7 +297,7 @@ def inspect(path: str, tag: Optional[str] = None, adapter_name: Optional[str] = 
     return {**info, "adapter_name": keys.adapter_name, "other_adapters": keys.others,
             "tensors_total": len(source.names),
             "adapter": {k: {"shape": list(shapes[k]), "dtype": dtypes[k]} for k in shapes},
-            "adapter_parameters": sum(int(torch.Size(s).numel()) for s in shapes.values()),
+            "adapter_parameters": sum(math.prod(s) for s in shapes.values()),
             "config_file": found[0] if found else None, "config": config}
 
 
@@ -268,7 +306,7 @@ def _dtype_of(source, name: str) -> str:
         return str(source.dtype(name)).replace("torch.", "")
     if getattr(source, "format", "") == "deepspeed":
         return "float32"  # the fp32 master partitions
-    return str(source.read(name).dtype).replace("torch.", "")
+    return str(source.read(name).dtype).replace("torch.", "")  # numpy: 'float32' etc.
 
 
 __all__ = ["consolidate", "inspect", "open_source", "PREFIX"]

@@ -78,7 +78,13 @@ class AdapterKeys:
     ``names``: every tensor name in the checkpoint. Picks the adapter (``adapter_name`` or the only
     one present; ``default`` if several) and keeps, per peft key, the checkpoint name to read."""
 
-    def __init__(self, names: list[str], where: str, adapter_name: Optional[str] = None, outer_prefix: str = ""):
+    def __init__(self, names: list[str], where: str, adapter_name: Optional[str] = None, outer_prefix: str = "",
+                 peft_keys: bool = False):
+        if peft_keys:  # a PEFT directory / Megatron export: already peft's file keys, one adapter
+            self.adapter_name, self.others = adapter_name or "default", []
+            self.with_lora = any(".lora_" in n for n in names)
+            self.to_source = {n: n for n in sorted(names)}
+            return
         found: dict[str, dict[str, str]] = {}
         for name in names:
             hit = split_adapter_key(normalise(name, outer_prefix))

@@ -24,6 +24,7 @@ PER_RANK_FILE = re.compile(r"^pytorch_model_fsdp(_\d+)?_rank\d+\.bin$")
 class _Whole:
     outer_prefix = ""
     world_size = 1
+    peft_keys = True  # names are peft's file keys already
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors = tensors

@@ -22,7 +22,8 @@ The trainable parameters' fp32 masters live in the optimizer files, named by ``p
 Frozen parameters (``frozen_param_shapes``) live in the model states' ``frozen_param_fragments``
 (stage 3: one piece per rank as above; stage 1/2: whole tensors). All files are opened with
 ``mmap=True``: only the slices read here are paged in, never the frozen base weights or the
-Adam moments next to them.
+Adam moments next to them. The files are read by torch_zip (numpy, no torch import); tensors
+come back as numpy arrays.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import os
 import re
 from typing import Optional
 
-import torch
+import numpy as np
 
-from .safe_load import CheckpointError, load_torch
+from .allow_list import CheckpointError
+from .torch_zip import load as load_torch
 
 _OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
@@ -121,10 +123,10 @@ class ZeroCheckpoint:
             raise CheckpointError(f"{path}: not a ZeRO optimizer state file (no optimizer_state_dict.zero_stage)")
         return osd
 
-    def _groups(self, osd: dict, path: str) -> list[torch.Tensor]:
+    def _groups(self, osd: dict, path: str) -> list[np.ndarray]:
         key = "fp32_flat_groups" if int(osd["zero_stage"]) == 3 else "single_partition_of_fp32_groups"
         groups = osd.get(key)
-        if not isinstance(groups, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in groups):
+        if not isinstance(groups, (list, tuple)) or not all(isinstance(t, np.ndarray) for t in groups):
             raise CheckpointError(f"{path}: no {key} (a stage {self.stage} optimizer file should have it)")
         if int(osd["zero_stage"]) != self.stage:
             raise CheckpointError(f"{path}: ZeRO stage {int(osd['zero_stage'])}, rank 0's file says {self.stage}")
@@ -170,9 +172,9 @@ class ZeroCheckpoint:
             raise CheckpointError(f"{self.model_files[0]}: {len(self.param_shapes)} parameter groups, "
                                   f"{self.optim_files[0]} has {len(self.groups[0])}")
         for r, groups in enumerate(self.groups[1:], start=1):
-            if [t.numel() for t in groups] != [t.numel() for t in self.groups[0]]:
-                raise CheckpointError(f"{self.optim_files[r]}: partition sizes {[t.numel() for t in groups]} differ "
-                                      f"from rank 0's {[t.numel() for t in self.groups[0]]} (truncated or from "
+            if [t.size for t in groups] != [t.size for t in self.groups[0]]:
+                raise CheckpointError(f"{self.optim_files[r]}: partition sizes {[t.size for t in groups]} differ "
+                                      f"from rank 0's {[t.size for t in self.groups[0]]} (truncated or from "
                                       "another run?)")
         if self.stage <= 2:
             for g, shapes in enumerate(self.param_shapes):
@@ -181,7 +183,7 @@ class ZeroCheckpoint:
                 for i, (name, shape) in enumerate(shapes.items()):
                     self.where[name] = (g, offset)
                     offset += math.prod(shape) + pads[i]
-                total = self.groups[0][g].numel() * self.world_size
+                total = self.groups[0][g].size * self.world_size
                 align = 2 * self.world_size
                 if align * math.ceil(offset / align) != align * math.ceil(total / align):
                     raise CheckpointError(f"{self.optim_files[0]}: group {g} holds {total} values for "
@@ -192,41 +194,41 @@ class ZeroCheckpoint:
                 for name, shape in shapes.items():
                     self.where[name] = (0, offset)
                     offset += math.ceil(math.prod(shape) / self.world_size)
-            total = sum(t.numel() for t in self.groups[0])
+            total = sum(t.size for t in self.groups[0])
             if offset != total:
                 raise CheckpointError(f"{self.optim_files[0]}: holds {total} values per rank, the parameters "
                                       f"need {offset} (mismatched world size or shapes)")
 
     # -- reading ----------------------------------------------------------------------------------
-    def _flat(self, r: int, start: int, length: int, groups: list[torch.Tensor]) -> torch.Tensor:
+    def _flat(self, r: int, start: int, length: int, groups: list[np.ndarray]) -> np.ndarray:
         """``length`` values from ``start`` of rank r's groups laid end to end (stage 3)."""
         pieces, base = [], 0
         for t in groups:
-            lo, hi = max(start, base), min(start + length, base + t.numel())
+            lo, hi = max(start, base), min(start + length, base + t.size)
             if lo < hi:
                 pieces.append(t[lo - base: hi - base])
-            base += t.numel()
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            base += t.size
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str) -> np.ndarray:
         shape = self.shapes[name]
         numel = math.prod(shape)
         if name in self.frozen_shapes:
             if self.stage <= 2:
-                return self.frozen[0][name].reshape(shape).clone()
-            return torch.cat([frozen[name] for frozen in self.frozen])[:numel].reshape(shape).clone()
+                return np.array(self.frozen[0][name].reshape(shape))
+            return np.concatenate([frozen[name] for frozen in self.frozen])[:numel].reshape(shape)
         g, start = self.where[name]
         if self.stage <= 2:
-            size = self.groups[0][g].numel()
+            size = self.groups[0][g].size
             pieces = []
             for r in range(start // size, (start + numel - 1) // size + 1):
                 lo, hi = max(start, r * size), min(start + numel, (r + 1) * size)
                 pieces.append(self.groups[r][g][lo - r * size: hi - r * size])
-            flat = torch.cat(pieces)
+            flat = np.concatenate(pieces)
         else:
             piece = math.ceil(numel / self.world_size)
-            flat = torch.cat([self._flat(r, start, piece, self.groups[r]) for r in range(self.world_size)])[:numel]
-        return flat.reshape(shape).clone()
+            flat = np.concatenate([self._flat(r, start, piece, self.groups[r]) for r in range(self.world_size)])[:numel]
+        return np.array(flat.reshape(shape))  # a copy: the memory maps are released
 
     def describe(self) -> dict:
         return {"format": f"DeepSpeed ZeRO-{self.stage}", "path": self.dir, "tag": self.tag,

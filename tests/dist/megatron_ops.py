@@ -196,6 +196,7 @@ for step in range(3):
     loss.backward()
     opt.step()
 trained_sd = da.adapter_state_dict(model)
+save_megatron_shards(model, os.path.join(out_dir, f"trained_shards_tp{world}"))  # for `dist-adapters consolidate`
 if rank == 0:
     save_file(init_sd, os.path.join(out_dir, f"init_tp{world}.safetensors"))
     save_file(trained_sd, os.path.join(out_dir, f"trained_tp{world}.safetensors"))

@@ -36,7 +36,7 @@ parser.add_argument("--hidden", type=int, default=36)   # odd numels: r=3 x 45 e
 parser.add_argument("--inter", type=int, default=45)
 parser.add_argument("--layers", type=int, default=2)
 parser.add_argument("--vocab", type=int, default=128)
-parser.add_argument("--r", type=int, default=3)
+parser.add_argument("--lora-rank", type=int, default=3)
 parser.add_argument("--tokens", action="store_true", help="trainable tokens too (ours only)")
 parser.add_argument("--steps", type=int, default=2)
 args = parser.parse_args()
@@ -54,16 +54,16 @@ targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 if args.adapter == "ours":
     import dist_adapters as da
 
-    config = da.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets, init_lora_weights=False,
-                           rank_pattern={"down_proj": args.r + 1},
+    config = da.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets, init_lora_weights=False,
+                           rank_pattern={"down_proj": args.lora_rank + 1},
                            trainable_token_indices=[3, 5, 100] if args.tokens else None)
     da.inject(model, config)
     peft_config = config.to_dict() | {"base_model_name_or_path": os.path.join(args.out, "base_model")}
 else:
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets, init_lora_weights=False,
-                        rank_pattern={"down_proj": args.r + 1},
+    config = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets, init_lora_weights=False,
+                        rank_pattern={"down_proj": args.lora_rank + 1},
                         base_model_name_or_path=os.path.join(args.out, "base_model"))
     model = get_peft_model(model, config)
     peft_config = config.to_dict()

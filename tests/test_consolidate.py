@@ -1,0 +1,280 @@
+"""`dist-adapters consolidate` / `inspect` on checkpoints written by plain engines (no
+dist_adapters save code involved): DeepSpeed ZeRO-1/2/3 `save_checkpoint`, FSDP2 + `dcp.save`,
+accelerate's `save_fsdp_model`; each with our adapters and with peft's. The references are the
+engines' own tools (deepspeed's zero_to_fp32, torch's dcp_to_torch_save) and peft loading the
+result over the base model. The model has odd sizes (hidden 36, intermediate 45, r 3 / 4), so
+ZeRO's partition padding is exercised. Megatron TP shards: tests/test_megatron.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import input_ids
+from recipe_helpers import ROOT, cli
+
+LOGIT_TOL = 1e-5
+
+# (kind, adapter, extra args): one torchrun each, run two at a time by the fixture
+RUNS = {
+    "zero1-ours": ("zero", "ours", ["--stage", "1", "--tokens"]),
+    "zero2-ours": ("zero", "ours", ["--stage", "2"]),
+    "zero3-ours": ("zero", "ours", ["--stage", "3", "--tokens"]),
+    "zero1-peft": ("zero", "peft", ["--stage", "1"]),
+    "zero2-peft": ("zero", "peft", ["--stage", "2"]),
+    "zero3-peft": ("zero", "peft", ["--stage", "3"]),
+    "dcp-ours": ("dcp", "ours", ["--tokens"]),
+    "dcp-peft": ("dcp", "peft", []),
+    "accelerate-peft": ("accelerate", "peft", []),
+    "accelerate-ours": ("accelerate", "ours", []),
+}
+
+
+def _torchrun(out, kind, adapter, extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["DS_ACCELERATOR"] = "cpu"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "tests/dist/write_checkpoints.py", kind, adapter, str(out), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    names, out = list(RUNS), {}
+    for i in range(0, len(names), 2):  # two launches (4 processes) at a time on 2 cores
+        procs = {n: _torchrun(root / n, *RUNS[n]) for n in names[i:i + 2]}
+        for name, proc in procs.items():
+            _, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, f"{name}: {stderr[-3000:]}"
+            out[name] = root / name
+    return out
+
+
+def _peft_key(name: str) -> str:
+    """zero_to_fp32 / dcp_to_torch_save names -> peft file keys, spelled out independently of
+    dist_adapters.checkpoint.keys."""
+    name = name.removeprefix("model.base_model.model.").removeprefix("base_model.model.")
+    name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    name = name.replace(".trainable_tokens_delta.default.weight", ".token_adapter.trainable_tokens_delta")
+    return "base_model.model." + name
+
+
+def _consolidate(src, out, *extra):
+    res = cli("consolidate", str(src), str(out), "--quiet", *extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return load_file(os.path.join(out, "adapter_model.safetensors")), res
+
+
+def _peft_logits(run_dir, adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "base_model")
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        got = model(input_ids=input_ids()).logits
+    return (got - torch.load(run_dir / "logits.pt", weights_only=True)).abs().max().item()
+
+
+@pytest.mark.parametrize("name", [n for n in RUNS if n.startswith("zero")])
+def test_zero_checkpoint_equals_zero_to_fp32_and_loads_in_peft(ckpts, name, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run = ckpts[name]
+    got, res = _consolidate(run / "ckpt", tmp_path / "out")
+    stage = RUNS[name][2][1]
+    assert f"DeepSpeed ZeRO-{stage} (2 ranks, tag global_step2)" in res.stdout
+    ref = get_fp32_state_dict_from_zero_checkpoint(str(run / "ckpt"), exclude_frozen_parameters=True)
+    ref = {_peft_key(k): v.contiguous() for k, v in ref.items()}
+    assert sorted(got) == sorted(ref)
+    assert all(torch.equal(got[k], ref[k]) for k in ref), "differs from zero_to_fp32"
+    assert any(t.numel() % 2 for t in got.values())  # an odd-sized tensor: ZeRO padded it
+    diff = _peft_logits(run, tmp_path / "out")
+    print(f"{name}: equal to zero_to_fp32; peft logits vs the engine's {diff:.2e}")
+    assert diff <= LOGIT_TOL
+
+
+@pytest.mark.parametrize("name", [n for n in RUNS if not n.startswith("zero")])
+def test_dcp_checkpoint_equals_dcp_to_torch_save_and_loads_in_peft(ckpts, name, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    run = ckpts[name]
+    src = run / "ckpt"
+    got, res = _consolidate(src, tmp_path / "out")
+    dcp_dir = src / "pytorch_model_fsdp_0" if name.startswith("accelerate") else src
+    assert ("accelerate FSDP (DCP) (2 ranks)" if name.startswith("accelerate") else "torch DCP (2 ranks)") in res.stdout
+    dcp_to_torch_save(str(dcp_dir), str(tmp_path / "full.pt"))
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    if name.startswith("accelerate"):
+        full = full["model"]
+    ref = {_peft_key(k): v for k, v in full.items() if "lora_" in k or "trainable_tokens" in k}
+    assert sorted(got) == sorted(ref)
+    assert all(torch.equal(got[k], ref[k]) for k in ref), "differs from dcp_to_torch_save"
+    diff = _peft_logits(run, tmp_path / "out")
+    print(f"{name}: equal to dcp_to_torch_save; peft logits vs the engine's {diff:.2e}")
+    assert diff <= LOGIT_TOL
+
+
+def test_dtype_and_inferred_config(ckpts, tmp_path):
+    """--dtype bf16 converts; without any adapter_config.json the config is inferred from shapes
+    (r, rank_pattern, target_modules) with a warning, and peft loads it."""
+    src = tmp_path / "bare"
+    shutil.copytree(ckpts["zero2-peft"] / "ckpt", src)  # no adapter_config.json anywhere above
+    got, res = _consolidate(src, tmp_path / "out", "--dtype", "bf16")
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    assert "warning: no adapter_config.json found: inferred r=3" in res.stderr and "lora_alpha" in res.stderr
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["r"] == 3 and config["lora_alpha"] == 3
+    assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                       "up_proj", "down_proj"])
+    assert set(config["rank_pattern"].values()) == {4} and all("down_proj" in k for k in config["rank_pattern"])
+    ref, _ = _consolidate(ckpts["zero2-peft"] / "ckpt", tmp_path / "ref")
+    assert all(torch.equal(got[k], ref[k].to(torch.bfloat16)) for k in ref)
+
+
+def test_inspect_lists_format_stage_tag_keys_and_config(ckpts):
+    res = cli("inspect", str(ckpts["zero3-ours"] / "ckpt"))
+    assert res.returncode == 0, res.stderr
+    for line in ("format             DeepSpeed ZeRO-3", "world_size         2", "stage              3",
+                 "tag                global_step2", "adapter tensors    29"):
+        assert line in res.stdout, res.stdout
+    assert "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight" in res.stdout and "(4, 45)" in res.stdout
+    assert "token_adapter.trainable_tokens_delta" in res.stdout and '"trainable_token_indices"' in res.stdout
+    res = cli("inspect", "--json", str(ckpts["accelerate-peft"] / "ckpt"))
+    info = json.loads(res.stdout)
+    assert info["format"] == "accelerate FSDP (DCP)" and info["world_size"] == 2
+    assert info["adapter"]["base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight"] == {
+        "shape": [45, 3], "dtype": "float32"}
+
+
+def test_tag_option_and_source_untouched(ckpts, tmp_path):
+    src = tmp_path / "ds"
+    shutil.copytree(ckpts["zero3-ours"] / "ckpt", src)
+    shutil.copytree(src / "global_step2", src / "older")  # a second tag; 'latest' still names global_step2
+    before = {p: os.path.getmtime(p) for p in src.rglob("*")}
+    _, res = _consolidate(src, tmp_path / "a", "--tag", "older", "--config", str(ckpts["zero3-ours"]))
+    assert "tag older" in res.stdout
+    assert {p: os.path.getmtime(p) for p in src.rglob("*")} == before
+    res = cli("consolidate", str(src), str(src / "out"))
+    assert res.returncode == 2 and "overlap" in res.stderr and not (src / "out").exists()
+
+
+def test_split_fused_projection(ckpts, tmp_path):
+    """--split cuts a fused projection's lora_B by rows and shares lora_A: here k_proj is split
+    into two halves and the halves' outputs stack to the original."""
+    got, _ = _consolidate(ckpts["zero2-ours"] / "ckpt", tmp_path / "whole")
+    split, _ = _consolidate(ckpts["zero2-ours"] / "ckpt", tmp_path / "split", "--split", "k_proj=k_lo:6,k_hi:6")
+    key = "base_model.model.model.layers.0.self_attn.{}.lora_{}.weight"
+    assert torch.equal(torch.cat([split[key.format("k_lo", "B")], split[key.format("k_hi", "B")]]),
+                       got[key.format("k_proj", "B")])
+    assert torch.equal(split[key.format("k_lo", "A")], got[key.format("k_proj", "A")])
+    assert key.format("k_proj", "A") not in split
+    config = json.loads((tmp_path / "split" / "adapter_config.json").read_text())
+    assert "k_lo" in config["target_modules"] and "k_proj" not in config["target_modules"]
+    res = cli("consolidate", str(ckpts["zero2-ours"] / "ckpt"), str(tmp_path / "bad"), "--split", "k_proj=a:5,b:5")
+    assert res.returncode == 2 and "k_proj" in res.stderr and "12 output rows" in res.stderr
+
+
+# ----------------------------------------------------------------------------- safety and errors
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _error(src, tmp_path, *extra):
+    res = cli("consolidate", str(src), str(tmp_path / "never"), "--quiet", *extra)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and not (tmp_path / "never" / "adapter_model.safetensors").exists()
+    return res.stderr
+
+
+def test_code_running_pickles_are_refused(ckpts, tmp_path):
+    """An optimizer file and a DCP .metadata whose unpickling would run `touch MARKER`: refused,
+    naming the class and the file; the marker never appears."""
+    marker = tmp_path / "marker"
+    src = tmp_path / "ds"
+    shutil.copytree(ckpts["zero2-ours"] / "ckpt", src)
+    victim = src / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    state = {"optimizer_state_dict": {"zero_stage": 2, "payload": _RunsCode(marker)}}
+    torch.save(state, victim)
+    err = _error(src, tmp_path)
+    assert "system" in err and str(victim) in err and "refusing to unpickle" in err, err
+    assert not marker.exists()
+    dcp = tmp_path / "dcp"
+    shutil.copytree(ckpts["dcp-ours"] / "ckpt", dcp)
+    (dcp / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    err = _error(dcp, tmp_path)
+    assert "system" in err and str(dcp / ".metadata") in err, err
+    assert not marker.exists()
+    with zipfile.ZipFile(victim) as zf:  # the allow-list holds DeepSpeed's classes, not this one
+        assert any(n.endswith("data.pkl") for n in zf.namelist())
+
+
+def test_truncated_missing_and_mismatched_rank_files_name_the_file(ckpts, tmp_path):
+    src = tmp_path / "ds"
+    shutil.copytree(ckpts["zero3-ours"] / "ckpt", src)
+    tag = src / "global_step2"
+    rank1 = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = rank1.read_bytes()
+    rank1.write_bytes(data[: len(data) // 2])
+    err = _error(src, tmp_path)
+    assert str(rank1) in err and "truncated" in err, err
+    rank1.unlink()
+    err = _error(src, tmp_path)
+    assert str(rank1) in err and "missing" in err and "2 ranks" in err, err
+    rank1.write_bytes(data)
+    shutil.copy(rank1, tag / "zero_pp_rank_2_mp_rank_00_optim_states.pt")  # a leftover of a 3-rank run
+    err = _error(src, tmp_path)
+    assert str(tag / "zero_pp_rank_2_mp_rank_00_optim_states.pt") in err and "world size" in err, err
+    (tag / "zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()
+    shutil.copy(ckpts["zero2-ours"] / "ckpt" / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", rank1)
+    err = _error(src, tmp_path)  # a rank file of another run (stage 2)
+    assert str(rank1) in err, err
+
+    dcp = tmp_path / "dcp"
+    shutil.copytree(ckpts["dcp-ours"] / "ckpt", dcp)
+    shard = dcp / "__1_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 3])
+    err = _error(dcp, tmp_path)
+    assert str(shard) in err and "truncated" in err, err
+    shard.unlink()
+    err = _error(dcp, tmp_path)
+    assert str(shard) in err and "missing" in err and "2 ranks" in err, err
+
+
+def test_shape_checks_name_the_key_and_config(ckpts, tmp_path):
+    cfg = json.loads((ckpts["zero2-peft"] / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    err = _error(ckpts["zero2-peft"] / "ckpt", tmp_path, "--config", str(tmp_path / "adapter_config.json"))
+    assert "down_proj.lora_A.weight" in err and "r=3" in err and str(tmp_path / "adapter_config.json") in err, err
+    cfg = json.loads((ckpts["zero1-ours"] / "adapter_config.json").read_text())
+    cfg["trainable_token_indices"] = [3, 5]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    err = _error(ckpts["zero1-ours"] / "ckpt", tmp_path, "--config", str(tmp_path / "adapter_config.json"))
+    assert "trainable_tokens_delta" in err and "3 token rows" in err and "2 token indices" in err, err
+    err = _error(tmp_path / "nowhere", tmp_path)
+    assert "nowhere" in err and "no such file" in err
+
+
+def test_recipe_checkpoints_consolidate(single_run, tmp_path):
+    """A dist-adapters run directory and its checkpoints/step_N are PEFT directories already:
+    validated and re-saved unchanged."""
+    got, res = _consolidate(single_run / "checkpoints" / "step_2", tmp_path / "out")
+    assert "PEFT adapter directory" in res.stdout
+    ref = load_file(single_run / "checkpoints" / "step_2" / "adapter" / "adapter_model.safetensors")
+    assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
