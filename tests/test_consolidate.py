@@ -36,6 +36,10 @@ RUNS = {
     "dcp-peft": ("dcp", "peft", []),
     "accelerate-peft": ("accelerate", "peft", []),
     "accelerate-ours": ("accelerate", "ours", []),
+    "fsdp1-dcp-peft": ("fsdp1-dcp", "peft", []),
+    "fsdp1-ranks-ours": ("fsdp1-ranks", "ours", []),
+    "fsdp1-ranks-peft": ("fsdp1-ranks", "peft", []),
+    "fsdp1-local-peft": ("fsdp1-local", "peft", []),
 }
 
 
@@ -104,18 +108,19 @@ def test_zero_checkpoint_equals_zero_to_fp32_and_loads_in_peft(ckpts, name, tmp_
     assert diff <= LOGIT_TOL
 
 
-@pytest.mark.parametrize("name", [n for n in RUNS if not n.startswith("zero")])
+@pytest.mark.parametrize("name", ["dcp-ours", "dcp-peft", "accelerate-peft", "accelerate-ours", "fsdp1-dcp-peft"])
 def test_dcp_checkpoint_equals_dcp_to_torch_save_and_loads_in_peft(ckpts, name, tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     run = ckpts[name]
     src = run / "ckpt"
     got, res = _consolidate(src, tmp_path / "out")
-    dcp_dir = src / "pytorch_model_fsdp_0" if name.startswith("accelerate") else src
-    assert ("accelerate FSDP (DCP) (2 ranks)" if name.startswith("accelerate") else "torch DCP (2 ranks)") in res.stdout
+    accelerate = not name.startswith("dcp")
+    dcp_dir = src / "pytorch_model_fsdp_0" if accelerate else src
+    assert ("accelerate FSDP (DCP) (2 ranks)" if accelerate else "torch DCP (2 ranks)") in res.stdout
     dcp_to_torch_save(str(dcp_dir), str(tmp_path / "full.pt"))
     full = torch.load(tmp_path / "full.pt", weights_only=True)
-    if name.startswith("accelerate"):
+    if accelerate:
         full = full["model"]
     ref = {_peft_key(k): v for k, v in full.items() if "lora_" in k or "trainable_tokens" in k}
     assert sorted(got) == sorted(ref)
@@ -123,6 +128,53 @@ def test_dcp_checkpoint_equals_dcp_to_torch_save_and_loads_in_peft(ckpts, name, 
     diff = _peft_logits(run, tmp_path / "out")
     print(f"{name}: equal to dcp_to_torch_save; peft logits vs the engine's {diff:.2e}")
     assert diff <= LOGIT_TOL
+
+
+@pytest.mark.parametrize("name", ["fsdp1-ranks-ours", "fsdp1-ranks-peft"])
+def test_fsdp1_per_rank_sharded_files_equal_the_live_adapter(ckpts, name, tmp_path):
+    """accelerate's save_fsdp_model(use_dcp=False): one torch.save of ShardedTensors per rank.
+    Reassembled from the shards' offsets; equal to the live model's FULL_STATE_DICT adapter."""
+    run = ckpts[name]
+    got, res = _consolidate(run / "ckpt", tmp_path / "out")
+    assert "FSDP1 sharded state dict (per-rank files) (2 ranks)" in res.stdout
+    ref = {_peft_key(k): v for k, v in torch.load(run / "reference.pt", weights_only=True).items()}
+    assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    diff = _peft_logits(run, tmp_path / "out")
+    print(f"{name}: equal to the live adapter; peft logits vs the engine's {diff:.2e}")
+    assert diff <= LOGIT_TOL
+    (run / "ckpt" / "pytorch_model_fsdp_0_rank1.bin").rename(tmp_path / "moved.bin")
+    try:
+        err = _error(run / "ckpt", tmp_path)
+        assert "pytorch_model_fsdp_0_rank1.bin" in err and "missing" in err and "2 ranks" in err, err
+    finally:
+        (tmp_path / "moved.bin").rename(run / "ckpt" / "pytorch_model_fsdp_0_rank1.bin")
+
+
+def test_fsdp1_local_state_dict_is_refused_with_the_reason(ckpts, tmp_path):
+    err = _error(ckpts["fsdp1-local-peft"] / "ckpt", tmp_path)
+    assert "pytorch_model_fsdp_rank0.bin" in err and "LOCAL_STATE_DICT" in err and "SHARDED_STATE_DICT" in err, err
+
+
+def test_single_state_dict_files(tmp_path):
+    """A whole model's state dict in one file (FSDP1 FULL_STATE_DICT's pytorch_model_fsdp.bin, a
+    safetensors file): the adapter keys are taken, wrappers stripped."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    from helpers import randomize_trainable, tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_trainable(model)
+    state = {f"_fsdp_wrapped_module.{k}": v for k, v in model.state_dict().items()}
+    (tmp_path / "fsdp").mkdir()
+    torch.save(state, tmp_path / "fsdp" / "pytorch_model_fsdp.bin")
+    save_file(state, tmp_path / "model.safetensors")
+    model.save_pretrained(tmp_path / "peft")
+    ref = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    for src in (tmp_path / "fsdp", tmp_path / "model.safetensors"):
+        got, res = _consolidate(src, tmp_path / f"out_{src.name}", "--config", str(tmp_path / "peft"))
+        assert "single state-dict file" in res.stdout
+        assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
 def test_dtype_and_inferred_config(ckpts, tmp_path):
@@ -167,6 +219,8 @@ def test_tag_option_and_source_untouched(ckpts, tmp_path):
     assert {p: os.path.getmtime(p) for p in src.rglob("*")} == before
     res = cli("consolidate", str(src), str(src / "out"))
     assert res.returncode == 2 and "overlap" in res.stderr and not (src / "out").exists()
+    err = _error(src, tmp_path, "--tag", "global_step9")
+    assert str(src / "global_step9") in err and "no such tag" in err and "older" in err, err
 
 
 def test_split_fused_projection(ckpts, tmp_path):

@@ -34,6 +34,7 @@ from .allow_list import CheckpointError
 from .atomic import atomic_path
 from .keys import AdapterKeys, module_of
 from .peft_names import PREFIX, WEIGHTS_NAME
+from .rank_files_reader import RankFilesCheckpoint, find_rank_files
 from .zero_reader import ZeroCheckpoint, is_zero_dir
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -45,9 +46,7 @@ def open_source(path: str, tag: Optional[str] = None):
         raise FileNotFoundError(f"{path}: no such file or directory")
     if os.path.isdir(path) and (is_zero_dir(path) or (tag is not None and is_zero_dir(os.path.join(path, tag)))):
         return ZeroCheckpoint(path, tag)  # first: it needs no torch
-    from .dcp_reader import DcpCheckpoint, find_dcp_dir  # these readers import torch
-    from .small_readers import (FileSource, MegatronSource, PeftDirSource, is_megatron_dir, is_peft_dir,
-                                refuse_per_rank_files)
+    from .small_readers import FileSource, MegatronSource, PeftDirSource, is_megatron_dir, is_peft_dir
 
     if os.path.isfile(path):
         return FileSource(path)
@@ -57,16 +56,21 @@ def open_source(path: str, tag: Optional[str] = None):
         return PeftDirSource(os.path.join(path, "adapter"))
     if is_megatron_dir(path):
         return MegatronSource(path)
+    files = find_rank_files(path)
+    if files:
+        return RankFilesCheckpoint(path, files)
+    from .dcp_reader import DcpCheckpoint, find_dcp_dir  # imports torch
+
     dcp = find_dcp_dir(path)
     if dcp is not None:
         return DcpCheckpoint(dcp)
-    refuse_per_rank_files(path)
     for name in ("pytorch_model_fsdp.bin", "adapter_model.safetensors", "model.safetensors", "pytorch_model.bin"):
         if os.path.isfile(os.path.join(path, name)):
             return FileSource(os.path.join(path, name))
     raise CheckpointError(f"{path}: not a checkpoint this tool reads: expected a DeepSpeed directory ('latest' "
                           "or *_optim_states.pt), a DCP directory (.metadata, or accelerate's pytorch_model_fsdp_0/), "
-                          "Megatron shards (mp_rank_00/shards.json), a PEFT directory, or a state-dict file")
+                          "FSDP1 per-rank files (*_rank0.bin ...), Megatron shards (mp_rank_00/shards.json), "
+                          "a PEFT directory, or a state-dict file")
 
 
 # ------------------------------------------------------------------------------- config

@@ -9,16 +9,13 @@ Each has the reader interface of zero_reader / dcp_reader: ``names``, ``shapes``
 from __future__ import annotations
 
 import os
-import re
+from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from ..config import CONFIG_NAME
+from .allow_list import CheckpointError
 from .peft_names import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
-from .safe_load import CheckpointError, load_torch
-
-PER_RANK_FILE = re.compile(r"^pytorch_model_fsdp(_\d+)?_rank\d+\.bin$")
 
 
 class _Whole:
@@ -26,12 +23,12 @@ class _Whole:
     world_size = 1
     peft_keys = True  # names are peft's file keys already
 
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, tensors: dict[str, Any]) -> None:
         self.tensors = tensors
         self.names = list(tensors)
         self.shapes = {k: tuple(v.shape) for k, v in tensors.items()}
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str) -> Any:
         return self.tensors[name].clone()
 
 
@@ -85,6 +82,10 @@ class FileSource:
                 raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
             self._data = None
         else:
+            import torch
+
+            from .safe_load import load_torch
+
             data = load_torch(path)
             for key in ("module", "model", "state_dict"):  # common wrappers around a state dict
                 if isinstance(data, dict) and isinstance(data.get(key), dict):
@@ -96,7 +97,7 @@ class FileSource:
             self.names = list(self._data)
             self.shapes = {k: tuple(v.shape) for k, v in self._data.items()}
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str) -> Any:
         if self._data is not None:
             return self._data[name].clone()
         with safe_open(self.dir, "pt") as fh:
@@ -116,15 +117,3 @@ SHARDS_NAME = "shards.json"  # megatron_shards.SHARDS_NAME (that module imports 
 
 def is_megatron_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "mp_rank_00", SHARDS_NAME))
-
-
-def refuse_per_rank_files(path: str) -> None:
-    """accelerate's FSDP1 LOCAL_STATE_DICT (and ``use_dcp=False``) per-rank files hold flat
-    parameter shards without the names and shapes needed to cut them apart offline."""
-    if os.path.isdir(path):
-        found = sorted(n for n in os.listdir(path) if PER_RANK_FILE.match(n))
-        if found:
-            raise CheckpointError(
-                f"{os.path.join(path, found[0])}: a per-rank FSDP1 LOCAL_STATE_DICT / use_dcp=False file. Its flat "
-                "shards carry no parameter names or shapes, so they cannot be reassembled without the live "
-                "model; save with SHARDED_STATE_DICT (DCP, accelerate's default) or FULL_STATE_DICT instead")

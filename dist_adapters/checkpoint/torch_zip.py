@@ -89,9 +89,83 @@ class _TensorType:
 
 
 def _rebuild_from_type_v2(func, new_type, args, state) -> Any:
+    if func is _rebuild_wrapper_subclass and new_type is ShardedTensorRecord:
+        out = func(*args)
+        out.__setstate__(state)
+        return out
     if func not in (_rebuild_tensor_v2, _rebuild_parameter) or new_type is not _TensorType:
         raise pickle.UnpicklingError("_rebuild_from_type_v2 with a function or type outside the allow-list")
     return func(*args)
+
+
+# -- FSDP1 SHARDED_STATE_DICT files: ShardedTensor and its metadata, as plain records ---------------
+class _Record:
+    """Stand-in for a pickled metadata object: keeps its attributes (BUILD state), nothing else."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (dict or None, slot dict or None)
+            for part in state:
+                self.__dict__.update(part or {})
+        elif isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.state = state
+
+
+class ShardedTensorRecord(_Record):
+    """torch.distributed._shard.sharded_tensor.ShardedTensor: ``size`` and ``local_shards``
+    (records with ``tensor`` and ``metadata.shard_offsets`` / ``shard_sizes``)."""
+
+    def __setstate__(self, state: Any) -> None:  # ShardedTensor.__getstate__: (local_shards, metadata, ...)
+        self.local_shards, self.metadata = state[0], state[1]
+
+
+def _rebuild_wrapper_subclass(cls, dtype, size, *rest) -> Any:
+    if cls is not ShardedTensorRecord:
+        raise pickle.UnpicklingError("_rebuild_wrapper_subclass of a class outside the allow-list")
+    out = ShardedTensorRecord()
+    out.size, out.dtype = tuple(size), dtype
+    return out
+
+
+class _MemFormat(_Record):
+    """torch.distributed._shard.sharded_tensor.metadata.MEM_FORMAT_ENCODING (an Enum)."""
+
+
+class _ProcessGroupState(_Record):
+    """ShardedTensor.ProcessGroupState (a NamedTuple of ranks and world sizes)."""
+
+
+def _getattr(obj: Any, name: str) -> Any:
+    """``builtins.getattr``, for the two lookups ShardedTensor pickles make: an enum member of
+    MEM_FORMAT_ENCODING and the nested class ShardedTensor.ProcessGroupState."""
+    if obj is ShardedTensorRecord and name == "ProcessGroupState":
+        return _ProcessGroupState
+    if obj is not _MemFormat:
+        raise pickle.UnpicklingError(f"getattr on an object outside the allow-list: {obj!r:.60}, {name!r:.40}")
+    return name
+
+
+_SHARD = "torch.distributed._shard."
+SHARDED_TENSOR: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_wrapper_subclass"): _rebuild_wrapper_subclass,
+    (_SHARD + "sharded_tensor.api", "ShardedTensor"): ShardedTensorRecord,
+    (_SHARD + "sharded_tensor.shard", "Shard"): type("Shard", (_Record,), {}),
+    (_SHARD + "metadata", "ShardMetadata"): type("ShardMetadata", (_Record,), {}),
+    (_SHARD + "sharded_tensor.metadata", "ShardedTensorMetadata"): type("ShardedTensorMetadata", (_Record,), {}),
+    (_SHARD + "sharded_tensor.metadata", "TensorProperties"): type("TensorProperties", (_Record,), {}),
+    (_SHARD + "sharded_tensor.metadata", "MEM_FORMAT_ENCODING"): _MemFormat,
+    (_SHARD + "sharding_spec.chunk_sharding_spec", "ChunkShardingSpec"): type("ChunkShardingSpec", (_Record,), {}),
+    ("torch.distributed.remote_device", "_remote_device"): type("_remote_device", (_Record,), {}),
+    ("torch", "device"): str,
+    ("torch.serialization", "_get_layout"): str,
+    ("builtins", "getattr"): _getattr,
+    **{("torch", name): name for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32",
+                                         "uint8", "int8", "bool")},
+}
 
 
 ALLOWED: dict[tuple[str, str], Any] = {
@@ -108,14 +182,16 @@ ALLOWED: dict[tuple[str, str], Any] = {
 
 
 class _Reader(pickle.Unpickler):
-    def __init__(self, path: str, zf: zipfile.ZipFile, prefix: str) -> None:
+    def __init__(self, path: str, zf: zipfile.ZipFile, prefix: str, sharded: bool = False) -> None:
         super().__init__(io.BytesIO(zf.read(prefix + "data.pkl")))
         self.path, self.zf, self.prefix = path, zf, prefix
+        self.allowed = {**ALLOWED, **SHARDED_TENSOR} if sharded else ALLOWED
         order = prefix + "byteorder"
         self.big = order in zf.namelist() and zf.read(order).strip() == b"big"
 
     def find_class(self, module: str, name: str) -> Any:
-        found = ALLOWED.get((module, name))
+        module = {"__builtin__": "builtins"}.get(module, module)  # protocol-2 pickles name it so
+        found = self.allowed.get((module, name))
         if found is None:
             raise CheckpointError(f"{self.path}: refusing to unpickle {module}.{name}: not a tensor, container or "
                                   "allow-listed DeepSpeed class; a pickle can run arbitrary code. Nothing was run.")
@@ -149,8 +225,9 @@ class _Reader(pickle.Unpickler):
                          shape=(numel,))
 
 
-def load(path: str) -> Any:
-    """The object ``torch.save`` wrote to ``path``, tensors as read-only memory-mapped arrays."""
+def load(path: str, sharded: bool = False) -> Any:
+    """The object ``torch.save`` wrote to ``path``, tensors as read-only memory-mapped arrays.
+    ``sharded``: also allow FSDP1's ShardedTensor and its metadata (as records)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing")
     try:
@@ -162,7 +239,7 @@ def load(path: str) -> Any:
     if len(pkl) != 1:
         raise CheckpointError(f"{path}: not a torch checkpoint (expected one data.pkl entry, found {len(pkl)})")
     try:
-        return _Reader(path, zf, pkl[0][: -len("data.pkl")]).load()
+        return _Reader(path, zf, pkl[0][: -len("data.pkl")], sharded).load()
     except CheckpointError:
         raise
     except Exception as exc:  # EOFError, UnpicklingError, zlib/CRC errors from a torn file

@@ -5,7 +5,10 @@ dist_adapters would. Used by tests/test_consolidate.py and benchmarks/consolidat
     write_checkpoints.py KIND ADAPTER OUT [--stage S] [--hidden H --inter I --layers L]
 
 KIND: zero (deepspeed.initialize + save_checkpoint), dcp (FSDP2 + torch.distributed.checkpoint),
-accelerate (accelerate's save_fsdp_model: OUT/ckpt/pytorch_model_fsdp_0/, keys under "model.").
+accelerate (accelerate's save_fsdp_model: OUT/ckpt/pytorch_model_fsdp_0/, keys under "model."),
+fsdp1-dcp / fsdp1-ranks / fsdp1-local (FSDP1 with use_orig_params, saved by accelerate's
+save_fsdp_model as SHARDED_STATE_DICT through DCP, SHARDED_STATE_DICT per-rank torch.save files
+(use_dcp=False), or LOCAL_STATE_DICT per-rank files).
 ADAPTER: ours (dist_adapters.inject) or peft (peft.get_peft_model).
 
 Writes OUT/base_model (HF save_pretrained, before the adapter), OUT/ckpt (the checkpoint),
@@ -28,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from helpers import input_ids  # noqa: E402
 
 parser = argparse.ArgumentParser()
-parser.add_argument("kind", choices=["zero", "dcp", "accelerate"])
+parser.add_argument("kind", choices=["zero", "dcp", "accelerate", "fsdp1-dcp", "fsdp1-ranks", "fsdp1-local"])
 parser.add_argument("adapter", choices=["ours", "peft"])
 parser.add_argument("out")
 parser.add_argument("--stage", type=int, default=3)
@@ -85,11 +88,19 @@ if args.kind == "zero":
         logits = engine(input_ids=ids).logits
     engine.save_checkpoint(ckpt, tag=f"global_step{args.steps}")
 else:
-    from torch.distributed.fsdp import fully_shard
+    layers = (model.base_model.model if args.adapter == "peft" else model).model.layers
+    if args.kind.startswith("fsdp1"):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    for layer in (model.base_model.model if args.adapter == "peft" else model).model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        model = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({type(layers[0])}),
+                                         device_id=torch.device("cpu"), use_orig_params=True)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(args.steps):
         model(input_ids=ids, labels=ids).loss.backward()
@@ -108,9 +119,19 @@ else:
         from accelerate.utils.fsdp_utils import save_fsdp_model
         from torch.distributed.fsdp import StateDictType
 
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type=StateDictType.SHARDED_STATE_DICT)
-        accel = PartialState()  # accelerate's process state over the group torchrun started
-        save_fsdp_model(plugin, accel, model, ckpt)
+        version = 1 if args.kind.startswith("fsdp1") else 2
+        kind = StateDictType.LOCAL_STATE_DICT if args.kind == "fsdp1-local" else StateDictType.SHARDED_STATE_DICT
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=version, state_dict_type=kind)
+        accel = PartialState(cpu=not torch.cuda.is_available())  # accelerate over the group torchrun started
+        save_fsdp_model(plugin, accel, model, ckpt, use_dcp=args.kind != "fsdp1-ranks")
+    if args.kind.startswith("fsdp1"):  # the live model's full adapter: the reference for the per-rank files
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+
+        full = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)  # offload fails on CPU (FIELD-NOTES)
+        with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT, full):
+            reference = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+        if rank == 0:
+            torch.save(reference, os.path.join(args.out, "reference.pt"))
 if rank == 0:
     torch.save(logits, os.path.join(args.out, "logits.pt"))
     with open(os.path.join(args.out, "adapter_config.json"), "w", encoding="utf-8") as fh:
