@@ -8,6 +8,8 @@ the package (``dist-adapters consolidate`` / ``inspect``) do not pay for importi
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -25,6 +27,20 @@ __all__ = [
     "LoraConfig", "TrainableTokensConfig", "LoftQConfig", "inject", "adapter_state_dict",
     "save_adapter", "load_adapter", "merge", "unmerge", "unload", "disabled", "set_adapter",
 ]
+
+
+class _Package(types.ModuleType):
+    """When ``dist_adapters.inject`` / ``dist_adapters.merge`` is first imported, the import system
+    sets the package attribute of that name to the submodule; the public names are the functions
+    of the same spelling, so those stay the package attributes."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WHERE and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -332,3 +332,18 @@ def test_recipe_checkpoints_consolidate(single_run, tmp_path):
     assert "PEFT adapter directory" in res.stdout
     ref = load_file(single_run / "checkpoints" / "step_2" / "adapter" / "adapter_model.safetensors")
     assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_zero_consolidation_imports_no_torch_and_api_names_stay_functions(ckpts, tmp_path):
+    """The DeepSpeed path runs without importing torch (the benchmark's speed and memory come from
+    that); and the lazily resolved public API keeps `da.inject` / `da.merge` the functions even
+    when their submodules were imported first."""
+    code = ("import sys; from dist_adapters.cli import main; "
+            f"rc = main(['consolidate', {str(ckpts['zero3-ours'] / 'ckpt')!r}, {str(tmp_path / 'out')!r}, '--quiet']); "
+            "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'; "
+            "import dist_adapters.inject, dist_adapters.merge; import dist_adapters as da; "
+            "assert callable(da.inject) and callable(da.merge) and callable(da.unload), (da.inject, da.merge)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert len(got) == 29
