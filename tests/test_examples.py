@@ -38,3 +38,16 @@ def test_lora_quickstart(tmp_path):
     res = _run(["examples/lora_quickstart.py", "--output-dir", str(tmp_path), "--steps", "10"])
     assert "reloaded from disk" in res.stdout
     _check_peft_loads(tmp_path)
+
+
+def test_deepspeed_checkpoint_consolidated_after_the_run(tmp_path):
+    """A plain ZeRO-3 run saves only DeepSpeed's checkpoint; consolidating it gives an adapter
+    that reproduces the trained engine and that peft loads."""
+    res = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "examples/deepspeed_consolidate.py", "--out", str(tmp_path), "--steps", "10"], timeout=600)
+    losses = [float(line.split()[-1]) for line in res.stdout.splitlines() if line.startswith("step ")]
+    assert len(losses) == 10 and losses[-1] < losses[0], res.stdout
+    assert "DeepSpeed ZeRO-3, 2 ranks, tag global_step10" in res.stdout
+    diff = float(res.stdout.split("max |logits diff| ")[1].split()[0])
+    assert diff <= 1e-5, res.stdout
+    _check_peft_loads(tmp_path)
