@@ -8,11 +8,10 @@ A checkpoint written by any engine names a LoRA factor in one of these ways (and
     _checkpoint_wrapped_module. / _orig_mod. (torch.compile) / module.   wrappers
     model.base_model.model....                                           accelerate's DCP layout ("model" outer key)
 
-``normalise`` strips the wrappers, ``split_adapter_key`` recognises the adapter tensors and
-returns (peft key without the adapter name, adapter name). peft's file keys are those of
-``peft_format.to_peft_key``; this module only adds the spellings other writers use
+``normalise`` strips the wrappers; ``ours`` rewrites peft's in-memory spellings into ours
 (peft's ParameterDict entries have no ``.weight``; its trainable tokens sit under
-``token_adapter`` when they come with LoRA).
+``token_adapter``) and finds the adapter name. The mapping to file keys is then
+``peft_names.to_peft_key``, the one save / load use.
 """
 
 from __future__ import annotations
@@ -20,18 +19,17 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from .peft_names import PREFIX
+from .peft_names import PREFIX, to_peft_key
 
 WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
-_PATTERNS = [  # (regex on the cleaned name, peft key format)
-    (re.compile(r"^(?P<m>.+)\.(?P<kind>lora_A|lora_B)\.(?P<a>[^.]+)\.weight$"), "{m}.{kind}.weight"),
-    (re.compile(r"^(?P<m>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)\.(?P<a>[^.]+)(\.weight)?$"), "{m}.{kind}"),
-    (re.compile(r"^(?P<m>.+?)(\.token_adapter)?\.trainable_tokens_delta\.(?P<a>[^.]+)(\.weight)?$"),
-     "{m}.<tokens>trainable_tokens_delta"),
-    (re.compile(r"^(?P<m>.+)\.modules_to_save\.(?P<a>[^.]+)\.(?P<rest>.+)$"), "{m}.{rest}"),
+_SPELLINGS = [  # peft's in-memory names -> ours
+    (re.compile(r"^(.+)\.(lora_embedding_[AB])\.([^.]+)$"), r"\1.\2.\3.weight"),
+    (re.compile(r"^(.+?)(?:\.token_adapter)?\.trainable_tokens_delta\.([^.]+)(?:\.weight)?$"),
+     r"\1.trainable_tokens_delta.\2.weight"),
 ]
-TOKEN_SLOT = "<tokens>"
+_ADAPTER = re.compile(r"\.(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B|trainable_tokens_delta|modules_to_save)"
+                      r"\.([^.]+)\.")
 
 
 def normalise(name: str, outer_prefix: str = "") -> str:
@@ -48,18 +46,14 @@ def normalise(name: str, outer_prefix: str = "") -> str:
     return name
 
 
-def split_adapter_key(name: str) -> Optional[tuple[str, str]]:
-    """(peft key with a token slot, adapter name) for an adapter tensor's cleaned name, else None."""
-    for pattern, fmt in _PATTERNS:
-        found = pattern.match(name)
-        if found:
-            return PREFIX + fmt.format(**found.groupdict()), found["a"]
-    return None
-
-
-def resolve_token_slot(key: str, with_lora: bool) -> str:
-    """peft nests trainable tokens under ``token_adapter`` when the adapter is LoRA."""
-    return key.replace(TOKEN_SLOT, "token_adapter." if with_lora else "")
+def ours(name: str) -> Optional[tuple[str, str]]:
+    """(our parameter name, adapter name) for an adapter tensor's cleaned name, else None."""
+    for pattern, replacement in _SPELLINGS:
+        name = pattern.sub(replacement, name)
+    found = _ADAPTER.findall(name)
+    if not found or to_peft_key(name, found[-1]) is None:
+        return None
+    return name, found[-1]
 
 
 def module_of(key: str) -> str:
@@ -85,9 +79,9 @@ class AdapterKeys:
             self.with_lora = any(".lora_" in n for n in names)
             self.to_source = {n: n for n in sorted(names)}
             return
-        found: dict[str, dict[str, str]] = {}
+        found: dict[str, dict[str, str]] = {}  # adapter -> our name -> the checkpoint's name
         for name in names:
-            hit = split_adapter_key(normalise(name, outer_prefix))
+            hit = ours(normalise(name, outer_prefix))
             if hit:
                 found.setdefault(hit[1], {})[hit[0]] = name
         if not found:
@@ -103,7 +97,8 @@ class AdapterKeys:
         self.others = sorted(set(found) - {adapter_name})
         raw = found[adapter_name]
         self.with_lora = any(".lora_" in k for k in raw)
-        self.to_source = {resolve_token_slot(k, self.with_lora): v for k, v in sorted(raw.items())}
+        prefix = "token_adapter." if self.with_lora else ""  # as peft_format._token_prefix
+        self.to_source = dict(sorted((to_peft_key(k, adapter_name, prefix), v) for k, v in raw.items()))
 
     def __len__(self) -> int:
         return len(self.to_source)

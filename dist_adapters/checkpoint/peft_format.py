@@ -1,4 +1,5 @@
-"""The PEFT checkpoint format, both ways. The key mapping lives here and nowhere else.
+"""The PEFT checkpoint format, both ways. The key mapping is the table below, implemented once
+in peft_names.py (``to_peft_key`` / ``from_peft_key``, torch-free for the offline readers).
 
 A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or the
 older ``adapter_model.bin``); a non-default adapter is saved in ``<dir>/<adapter_name>/``.
@@ -27,8 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-from typing import Optional
 
 import torch
 from safetensors import SafetensorError
@@ -41,53 +40,12 @@ from ..layers.tokens import TiedTokensHead
 from ..parallel.fsdp import is_fsdp1
 from ..parallel.state import barrier, clean_name, full_shape, iter_params, rank, read_full, write_full
 from .atomic import atomic_path
-from .peft_names import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME  # noqa: F401 (re-exported)
-
-
-_LORA_FACTOR = re.compile(r"^(?P<m>.+)\.(?P<kind>lora_A|lora_B)\.(?P<a>[^.]+)\.weight$")
-_EMB_FACTOR = re.compile(r"^(?P<m>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)\.(?P<a>[^.]+)\.weight$")
-_SAVED_COPY = re.compile(r"^(?P<m>.+)\.modules_to_save\.(?P<a>[^.]+)\.(?P<rest>.+)$")
-_TOKEN_ROWS = re.compile(r"^(?P<m>.+)\.trainable_tokens_delta\.(?P<a>[^.]+)\.weight$")
-_PEFT_TOKEN_ROWS = re.compile(r"^(?P<m>.+?)(?P<wrap>\.token_adapter)?\.trainable_tokens_delta$")
+from .peft_names import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, from_peft_key, to_peft_key  # noqa: F401
 
 
 def _token_prefix(config) -> str:
     """peft nests trainable tokens under ``token_adapter`` when they come with LoRA."""
     return "token_adapter." if isinstance(config, LoraConfig) else ""
-
-
-def to_peft_key(key: str, adapter_name: str, token_prefix: str = "") -> Optional[str]:
-    """Our parameter name -> peft's file key, or None when the key belongs to another adapter
-    or is not an adapter tensor at all."""
-    found = _TOKEN_ROWS.match(key)
-    if found:
-        return PREFIX + f"{found['m']}.{token_prefix}trainable_tokens_delta" if found["a"] == adapter_name else None
-    for pattern, fmt in ((_LORA_FACTOR, "{m}.{kind}.weight"), (_EMB_FACTOR, "{m}.{kind}")):
-        found = pattern.match(key)
-        if found:
-            return PREFIX + fmt.format(**found.groupdict()) if found["a"] == adapter_name else None
-    found = _SAVED_COPY.match(key)
-    if found:
-        return PREFIX + f"{found['m']}.{found['rest']}" if found["a"] == adapter_name else None
-    return None
-
-
-def from_peft_key(key: str, adapter_name: str, copies: set[str]) -> str:
-    """peft's file key -> our parameter name. ``copies``: names of our ModulesToSave modules."""
-    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    found = _PEFT_TOKEN_ROWS.match(key)
-    if found:
-        return f"{found['m']}.trainable_tokens_delta.{adapter_name}.weight"
-    for kind in ("lora_A", "lora_B"):
-        if key.endswith(f".{kind}.weight"):
-            return key[: -len(".weight")] + f".{adapter_name}.weight"
-    for kind in ("lora_embedding_A", "lora_embedding_B"):
-        if key.endswith(f".{kind}"):
-            return f"{key}.{adapter_name}.weight"
-    for module in copies:
-        if key.startswith(module + "."):
-            return f"{module}.modules_to_save.{adapter_name}.{key[len(module) + 1:]}"
-    return key
 
 
 def _bias_keys(model: nn.Module, config) -> set[str]:

@@ -110,6 +110,7 @@ class ZeroCheckpoint:
                                   f"{first} says world size {self.world_size} (mismatched world size; "
                                   "a leftover from another run?)")
         self.optim_files = [files[r] for r in range(self.world_size)]
+        self.alignment_paddings = optim0.get("param_alignment_paddings")  # stage 1/2, when recorded
         self.groups = [self._groups(optim0, first)] + [
             self._groups(self._optim(f), f) for f in self.optim_files[1:]]
         self._read_model_states()
@@ -132,10 +133,9 @@ class ZeroCheckpoint:
             raise CheckpointError(f"{path}: ZeRO stage {int(osd['zero_stage'])}, rank 0's file says {self.stage}")
         count = osd["partition_count"]
         world = max(count) if isinstance(count, (list, tuple)) else int(count)
-        if world != getattr(self, "world_size", world):
+        if world != self.world_size:
             raise CheckpointError(f"{path}: written with world size {world}, rank 0's file says {self.world_size} "
                                   "(mismatched world size)")
-        self.alignment_paddings = getattr(self, "alignment_paddings", osd.get("param_alignment_paddings"))
         return list(groups)
 
     def _read_model_states(self) -> None:
