@@ -16,3 +16,16 @@ def single_run(tmp_path_factory):
     res = cli("train", DEMO, "--set", *small(out, **{"train.micro_batch_size": 2}))
     assert res.returncode == 0, res.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def single_sgd_run(tmp_path_factory):
+    """The same run with plain SGD and no clipping (recipe_helpers.SGD), a checkpoint after every
+    step: the reference of the SGD equivalence tests, which see a wrong gradient scale in the
+    adapter itself."""
+    from recipe_helpers import DEMO, SGD, cli, small
+
+    out = tmp_path_factory.mktemp("single_sgd")
+    res = cli("train", DEMO, "--set", *small(out, **SGD, **{"train.micro_batch_size": 2, "train.checkpoint_every": 1}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out

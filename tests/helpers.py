@@ -8,11 +8,11 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, tie: bool = False, **config) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tie, attn_implementation="eager")
+                      tie_word_embeddings=tie, attn_implementation="eager", **config)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -52,3 +52,27 @@ def trainable_count(model) -> int:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
+
+
+def expected_merged(plain, token_ids=()) -> dict[str, torch.Tensor]:
+    """What merging ``plain``'s active "default" adapter must leave in its frozen weights, computed
+    here from its factors: W + scaling * B @ A for every LoRA layer (in the base weight's layout),
+    and the trainable token rows written over their embedding rows."""
+    out = {n: p.detach().clone() for n, p in plain.named_parameters() if not p.requires_grad}
+    for name, m in plain.named_modules():
+        if hasattr(m, "lora_A"):  # Linear [out, in]; transformers' Conv1D stores [in, out]
+            a, b = m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach()
+            delta = m.scaling["default"] * (b @ a)
+            out[f"{name}.base_layer.weight"] += delta.T if m.fan_in_fan_out else delta
+        elif hasattr(m, "lora_embedding_A"):  # A [r, V], B [d, r]; the embedding is [V, d]
+            a, b = m.lora_embedding_A["default"].weight.detach(), m.lora_embedding_B["default"].weight.detach()
+            out[f"{name}.base_layer.weight"] += m.scaling["default"] * (b @ a).T
+        elif hasattr(m, "trainable_tokens_delta"):
+            out[f"{name}.base_layer.weight"][list(token_ids)] = m.trainable_tokens_delta["default"].weight.detach()
+    return out
+
+
+def merged_flags(model) -> list[str]:
+    """The distinct ``merged_adapters`` lists of the model's LoRA and trainable-token layers."""
+    kinds = ("lora_A", "lora_embedding_A", "trainable_tokens_delta")
+    return sorted({str(m.merged_adapters) for m in model.modules() if any(hasattr(m, k) for k in kinds)})

@@ -62,3 +62,34 @@ def max_adapter_diff(a, b) -> float:
     ta, tb = adapter_tensors(a), adapter_tensors(b)
     assert sorted(ta) == sorted(tb)
     return max((ta[k] - tb[k]).abs().max().item() for k in ta)
+
+
+# Plain SGD (no momentum), no clipping: the adapter after a step moves by lr x gradient, so a wrong
+# gradient scale shows in the adapter itself (AdamW is invariant to it, clipping hides it).
+SGD = {"train.optimizer": "sgd", "train.max_grad_norm": "null", "train.lr": 0.1}
+# Adapter tolerances of the equivalence tests (tests/equivalence.py), 4 steps at lr 1e-2 (AdamW)
+# or 0.1 (SGD). TODO measured
+ADAMW_TOL = 1e-4
+SGD_TOL = 5e-7
+
+
+def torchrun_script(script: str, args: list[str], nproc: int = 2, timeout: int = 300,
+                    env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone`` of one of tests/dist/*.py (e.g. the recipe with a fault or probe)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.join(ROOT, "tests", "dist", script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def probed_run(out, nproc: int, **over) -> dict:
+    """The recipe on ``nproc`` ranks under tests/dist/recipe_probe.py; returns what it observed."""
+    result = os.path.join(str(out) + ".probe.json")
+    res = torchrun_script("recipe_probe.py", [result, DEMO, "--set", *small(out, **{"launch.nproc_per_node": nproc,
+                                                                                    **over})], nproc)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    with open(result, encoding="utf-8") as fh:
+        return json.load(fh)

@@ -347,3 +347,58 @@ def test_zero_consolidation_imports_no_torch_and_api_names_stay_functions(ckpts,
     assert res.returncode == 0, res.stderr[-2000:]
     got = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert len(got) == 29
+
+
+def test_adapter_name_strip_prefix_and_fp16_options(tmp_path):
+    """A state dict holding two adapters under an outer 'wrapper.' prefix: --strip-prefix removes
+    it, --adapter-name picks one (default: 'default'), --dtype fp16 converts; each output equals
+    what peft itself saves for that adapter."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    from helpers import randomize_trainable, tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
+    randomize_trainable(model)
+    model.base_model.set_adapter(["default", "other"])
+    randomize_trainable(model, seed=5)
+    save_file({f"wrapper.{k}": v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    model.save_pretrained(tmp_path / "peft")  # default/ at the top, other/ in a subfolder
+    for name, config, extra in (("default", tmp_path / "peft", []),
+                                ("other", tmp_path / "peft" / "other", ["--adapter-name", "other"])):
+        got, _ = _consolidate(tmp_path / "model.safetensors", tmp_path / f"out_{name}", "--strip-prefix", "wrapper.",
+                              "--dtype", "fp16", "--config", str(config), *extra)
+        ref = load_file(config / "adapter_model.safetensors")
+        assert sorted(got) == sorted(ref) and all(t.dtype == torch.float16 for t in got.values())
+        assert all(torch.equal(got[k], ref[k].to(torch.float16)) for k in ref), name
+    err = _error(tmp_path / "model.safetensors", tmp_path, "--strip-prefix", "wrapper.", "--adapter-name", "nope",
+                 "--config", str(tmp_path / "peft"))
+    assert "no adapter named 'nope'" in err and "'other'" in err, err
+
+
+def test_consolidation_memory_stays_near_the_adapter_size(tmp_path):
+    """A ZeRO-3 checkpoint of a Llama with ~31M frozen parameters (124 MB fp32 in the files) and a
+    1 MB adapter: the consolidating process grows by about the adapter (the frozen tensors are
+    never read) and stays below adapter + 250 MB (README, consolidate benchmark)."""
+    run = tmp_path / "big"
+    proc = _torchrun(run, "zero", "ours", ["--stage", "3", "--vocab", "32000", "--hidden", "384", "--inter", "1024",
+                                           "--layers", "4", "--lora-rank", "16", "--steps", "1"])
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    code = ("import resource, sys; from dist_adapters.cli import main\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "rc = main(['consolidate', sys.argv[1], sys.argv[2], '--quiet'])\n"
+            "print(rc, before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(run / "ckpt"), str(tmp_path / "out")], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rc, before, peak = (int(x) for x in res.stdout.split()[-3:])
+    adapter = os.path.getsize(tmp_path / "out" / "adapter_model.safetensors")
+    frozen = sum(f.stat().st_size for f in (run / "ckpt").rglob("*model_states.pt"))
+    mb = 2 ** 20
+    print(f"consolidate: peak RSS {peak / mb:.1f} MB ({(peak - before) / mb:.1f} MB above the imports); adapter "
+          f"{adapter / mb:.2f} MB; frozen model states in the checkpoint {frozen / mb:.1f} MB")
+    assert rc == 0 and frozen > 100 * mb
+    assert peak < adapter + 250 * mb
+    assert peak - before < adapter + 16 * mb  # TODO measured

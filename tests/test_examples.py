@@ -20,23 +20,40 @@ def _run(args, timeout=300):
 
 
 def _check_peft_loads(out):
+    """peft and our loader give the same logits, and the trained adapter changes the base's."""
     ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
-    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base_model"), str(out / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model").eval()
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    theirs = PeftModel.from_pretrained(base, str(out / "adapter"))
     ours = da.load_adapter(AutoModelForCausalLM.from_pretrained(out / "base_model"), str(out / "adapter"))
     with torch.no_grad():
-        assert (theirs.eval()(input_ids=ids).logits - ours.eval()(input_ids=ids).logits).abs().max() <= 1e-5
+        theirs_logits, ours_logits = theirs.eval()(input_ids=ids).logits, ours.eval()(input_ids=ids).logits
+    assert (theirs_logits - ours_logits).abs().max() <= 1e-5  # TODO measured
+    assert (ours_logits - base_logits).abs().max() > 1e-1  # TODO measured: the adapter was trained
+
+
+def _losses(stdout: str) -> list[float]:
+    return [float(line.split()[-1]) for line in stdout.splitlines() if line.startswith("step ")]
 
 
 def test_ddp_raw_loop_under_torchrun(tmp_path):
     res = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "examples/ddp_raw_loop.py", "--out", str(tmp_path), "--steps", "10"])
     assert "world size 2" in res.stdout
+    losses = _losses(res.stdout)
+    assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], res.stdout  # steps 1, 5, 10
     _check_peft_loads(tmp_path)
 
 
 def test_lora_quickstart(tmp_path):
     res = _run(["examples/lora_quickstart.py", "--output-dir", str(tmp_path), "--steps", "10"])
-    assert "reloaded from disk" in res.stdout
+    line = next(x for x in res.stdout.splitlines() if x.startswith("reloaded from disk"))
+    reload_diff, merge_diff = (float(part.split()[-1].rstrip(";")) for part in line.split("=")[1].split(":"))
+    print(line)
+    assert reload_diff <= 1e-6 and merge_diff <= 1e-5  # TODO measured
+    losses = _losses(res.stdout)
+    assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], res.stdout
     _check_peft_loads(tmp_path)
 
 
@@ -45,7 +62,7 @@ def test_deepspeed_checkpoint_consolidated_after_the_run(tmp_path):
     that reproduces the trained engine and that peft loads."""
     res = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "examples/deepspeed_consolidate.py", "--out", str(tmp_path), "--steps", "10"], timeout=600)
-    losses = [float(line.split()[-1]) for line in res.stdout.splitlines() if line.startswith("step ")]
+    losses = _losses(res.stdout)
     assert len(losses) == 10 and losses[-1] < losses[0], res.stdout
     assert "DeepSpeed ZeRO-3, 2 ranks, tag global_step10" in res.stdout
     diff = float(res.stdout.split("max |logits diff| ")[1].split()[0])

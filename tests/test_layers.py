@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 import dist_adapters as da
 from dist_adapters.layers.lora import LoraEmbedding, LoraLinear
-from helpers import logits, max_diff, randomize_trainable, tiny_gpt2, tiny_llama
+from helpers import expected_merged, logits, max_diff, merged_flags, randomize_trainable, tiny_gpt2, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,21 +159,30 @@ def test_cli_version():
 
 def test_engine_wrapper_names_do_not_leak_into_saved_keys(tmp_path):
     """A DDP-wrapped model (one-process gloo group) saves exactly the plain model's keys and
-    values, biases included (bias='all' reads parameter names)."""
+    values, biases included (bias='all' reads parameter names); merge through the wrapper writes
+    W + scaling * (B @ A).T into the Conv1D weight and unmerge takes it out again."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     plain = da.inject(tiny_gpt2(), da.LoraConfig(r=4, target_modules=["c_attn"], bias="all"))
     randomize_trainable(plain)
     expected = da.adapter_state_dict(plain)
+    target = expected_merged(plain)
+    before = {n: p.detach().clone() for n, p in plain.named_parameters() if not p.requires_grad}
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         wrapped = DistributedDataParallel(plain)
         got = da.adapter_state_dict(wrapped)
         da.save_adapter(wrapped, str(tmp_path))
         da.merge(wrapped)
+        merged = {n: p.detach().clone() for n, p in plain.named_parameters() if not p.requires_grad}
+        flags = merged_flags(plain)
         da.unmerge(wrapped)
     finally:
         dist.destroy_process_group()
     assert sorted(got) == sorted(expected) and any(k.endswith("ln_1.bias") for k in got)
-    assert all(torch.equal(got[k], expected[k]) for k in got)
+    assert all(torch.equal(got[k], expected[k]) for k in got)  # the same tensors, copied
+    assert flags == ["['default']"] and merged_flags(plain) == ["[]"]
+    assert max((target[n] - before[n]).abs().max().item() for n in target) > 1e-2
+    assert max(max_diff(merged[n], target[n]) for n in target) <= 1e-6
+    assert max(max_diff(p, before[n]) for n, p in plain.named_parameters() if n in before) <= 1e-6

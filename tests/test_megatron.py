@@ -15,8 +15,6 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-pytest.importorskip("megatron.core")
-
 from dist_adapters.checkpoint.megatron_shards import read_megatron_shards  # noqa: E402
 from recipe_helpers import ROOT  # noqa: E402
 
@@ -63,10 +61,14 @@ def test_forward_and_gradients_equal_full_matrix_math(runs, tp, variant):
 @pytest.mark.parametrize("variant", ["parallel", "gathered"])
 def test_merge_equals_unmerged_and_unmerge_restores(runs, tp, variant):
     got = runs[tp][1]
+    # merge wrote W + scaling * B @ A (from the full factors the test drew) into each rank's slice
+    assert got[f"{variant}_merged_flags"] == [["default"], ["default"]] and got[f"{variant}_unmerged_flags"] == [[], []]
+    assert got[f"{variant}_merge_delta"] > 1e-2 and got[f"{variant}_merged_weights"] <= 1e-6
     assert got[f"{variant}_merged_vs_unmerged"] <= TOL
     assert got[f"{variant}_after_unmerge"] <= TOL
     assert got[f"{variant}_unmerge_weights"] <= 1e-6
-    assert got.get(f"{variant}_unloaded_vs_adapted", 0.0) <= TOL
+    if variant == "parallel" or tp == "tp1":  # Megatron's own gather_output=True needs CUDA (mappings.py)
+        assert got[f"{variant}_unloaded_vs_adapted"] <= TOL
     assert got[f"{variant}_unloaded"] == ["ColumnParallelLinear", "RowParallelLinear", variant == "parallel"]
 
 
@@ -186,8 +188,15 @@ def test_read_megatron_shards_errors_name_the_file(runs, tmp_path):
             read_megatron_shards(str(bad))
 
 
-def test_sequence_parallel_is_refused_by_name(runs):
-    assert "sequence_parallel=True is not implemented" in runs["tp2"][1]["sequence_parallel_error"]
+@pytest.mark.parametrize("tp", ["tp2", "tp1"])
+def test_unsupported_options_are_refused_by_name(runs, tp):
+    got = runs[tp][1]
+    assert "LoraConfig(bias='all') over Megatron-core layers is not implemented" in got["refused_bias"]
+    assert "without its own weight (skip_weight_param_allocation=True" in got["refused_no_weight"]
+    assert "with disable_grad_reduce=True is not implemented" in got["refused_disable_grad_reduce"]
+    if tp == "tp2":
+        assert "sequence_parallel=True is not implemented" in got["sequence_parallel_error"]
+        assert "LoRA over an expert ColumnParallelLinear (is_expert=True) is not implemented" in got["refused_expert"]
 
 
 def test_plain_models_do_not_import_megatron():

@@ -7,7 +7,7 @@ from torch import nn
 import dist_adapters as da
 from dist_adapters.layers.lora import LoraEmbedding, LoraLinear
 from dist_adapters.layers.modules_to_save import ModulesToSave
-from helpers import MODELS, logits, max_diff, randomize_trainable
+from helpers import MODELS, expected_merged, logits, max_diff, merged_flags, randomize_trainable
 
 CONFIGS = {
     "llama": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
@@ -24,14 +24,20 @@ def _adapted(arch):
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_merge_keeps_logits_and_unmerge_restores_weights(arch):
+    """merge writes W + scaling * B @ A into every adapted base weight (computed in the test from
+    the factors; the delta is far above the tolerance, so a merge that does nothing fails)."""
     model = _adapted(arch)
     before = logits(model)
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    target = expected_merged(model)
     da.merge(model)
-    changed = [n for n, p in model.named_parameters() if n in base_weights and not torch.equal(p, base_weights[n])]
-    assert changed, "merge must write into the base weights"
+    assert merged_flags(model) == ["['default']"]
+    got = dict(model.named_parameters())
+    assert max((target[n] - base_weights[n]).abs().max().item() for n in target) > 1e-2
+    assert max(max_diff(got[n], target[n]) for n in target) <= 1e-6
     assert max_diff(logits(model), before) <= 1e-5
     da.unmerge(model)
+    assert merged_flags(model) == ["[]"]
     for n, p in model.named_parameters():
         if n in base_weights:
             assert max_diff(p, base_weights[n]) <= 1e-6, n
@@ -91,12 +97,20 @@ def test_several_named_adapters_and_set_adapter():
 
 
 def test_merge_of_bf16_base_stays_bf16():
+    """The fp32 delta is added to the bf16 weight in fp32 and rounded once: exactly
+    (W.float() + scaling * B @ A).to(bf16)."""
     model = MODELS["llama"]().to(torch.bfloat16)
     da.inject(model, da.LoraConfig(r=4, target_modules=["q_proj"]))
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["default"].weight.dtype == torch.float32  # adapters train in fp32
     randomize_trainable(model)
+    w = layer.base_layer.weight.detach().clone()
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    target = (w.float() + (b @ a) * layer.scaling["default"]).to(torch.bfloat16)
     before = logits(model).float()
     da.merge(model)
-    assert layer.base_layer.weight.dtype == torch.bfloat16
-    assert max_diff(logits(model).float(), before) < 0.1
+    assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.merged_adapters == ["default"]
+    assert torch.equal(layer.base_layer.weight, target) and not torch.equal(target, w)
+    # bf16 rounding of the merged weights moves the logits (measured TODO); the adapter's own
+    # effect on them is larger (TODO), so the merged model is the adapted one, not the base
+    assert max_diff(logits(model).float(), before) <= 0.1

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -12,7 +13,10 @@ import dist_adapters as da
 from dist_adapters.recipe.builtin import builtin_model, builtin_tokenizer
 from dist_adapters.recipe.data import global_batch_indices, micro_batches
 from dist_adapters.recipe.train import train
-from recipe_helpers import DEMO, adapter_tensors, cli, config, max_adapter_diff, small
+from equivalence import assert_equivalent, metrics, transformers_loss
+from recipe_helpers import ADAMW_TOL, DEMO, SGD, SGD_TOL, adapter_tensors, cli, config, max_adapter_diff, small
+
+LOSS_TOL = 1e-5  # TODO measured
 
 
 def _probe_ids():
@@ -56,31 +60,89 @@ def test_peft_reproduces_the_trained_in_memory_model(tmp_path):
 
 def test_none_world1_equals_ddp_world2(tmp_path):
     """The signature property: same seed and global batch 8, micro batch 2 on 1 rank (4 micro
-    steps) vs micro batch 4 on each of 2 ranks (1 micro step): the same adapter."""
+    steps) vs micro batch 4 on each of 2 ranks (1 micro step): the same step-1 loss and gradient
+    norm, and the same adapter (AdamW)."""
     lora_only = {"adapter.trainable_token_indices": "null"}
     one = cli("train", DEMO, "--set", *small(tmp_path / "one", **lora_only, **{"train.micro_batch_size": 2}))
     assert one.returncode == 0, one.stderr[-3000:]
     two = cli("train", DEMO, "--set", *small(tmp_path / "two", **lora_only, **{
         "train.micro_batch_size": 4, "parallel.strategy": "ddp", "launch.nproc_per_node": 2}))
     assert two.returncode == 0, two.stderr[-3000:]
-    diff = max_adapter_diff(tmp_path / "one", tmp_path / "two")
-    print(f"max |adapter diff| none@1 vs ddp@2 after 4 steps: {diff:.2e}")
-    assert diff <= 1e-4
+    assert_equivalent(tmp_path / "two", tmp_path / "one", ADAMW_TOL, "none@1 vs ddp@2, LoRA only")
     b = [v for k, v in adapter_tensors(tmp_path / "one").items() if "lora_B" in k]
     assert min(t.abs().max().item() for t in b) > 1e-3  # the adapters really trained
 
 
+def test_ddp_sgd_equals_single_process(single_sgd_run, tmp_path):
+    """Plain SGD, no clipping: the adapter difference is lr x the gradient difference."""
+    out = tmp_path / "ddp"
+    res = cli("train", DEMO, "--set", *small(out, **SGD, **{"parallel.strategy": "ddp", "launch.nproc_per_node": 2}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_equivalent(out, single_sgd_run, SGD_TOL, "ddp@2 vs none@1, SGD")
+
+
+def test_logged_loss_is_transformers_cross_entropy_and_sgd_moves_by_lr_times_grad_norm(single_run, single_sgd_run):
+    """The reference runs against oracles outside the recipe: the step-1 loss is transformers' own
+    mean cross-entropy over the global batch (the adapter starts as a no-op), the step-3 loss is
+    peft's model of the step-2 checkpoint over step 3's batch; and one SGD step moves the adapter
+    by exactly lr x the logged gradient norm (lora_A gets no gradient while lora_B is zero; the
+    token rows start as the embedding's rows)."""
+    for run in (single_run, single_sgd_run):
+        rows = metrics(run)
+        for step, adapter in ((1, None), (3, run / "checkpoints" / "step_2" / "adapter")):
+            theirs = transformers_loss(run, step, adapter)
+            rel = abs(rows[step - 1]["loss"] - theirs) / theirs
+            print(f"{run.name} step {step}: logged loss {rows[step - 1]['loss']:.7f}, transformers {theirs:.7f} "
+                  f"(relative {rel:.1e})")
+            assert rel <= LOSS_TOL
+    one_step = load_file(single_sgd_run / "checkpoints" / "step_1" / "adapter" / "adapter_model.safetensors")
+    base = load_file(single_sgd_run / "base_model" / "model.safetensors")["model.embed_tokens.weight"]
+    rows_key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    moved = sum((v.double() ** 2).sum() for k, v in one_step.items() if "lora_B" in k)
+    moved = (moved + ((one_step[rows_key] - base[[256, 257, 259]]).double() ** 2).sum()).sqrt().item()
+    first = metrics(single_sgd_run)[0]
+    rel = abs(moved - first["lr"] * first["grad_norm"]) / moved
+    print(f"SGD step 1: |adapter change| {moved:.6f}, lr x grad_norm {first['lr'] * first['grad_norm']:.6f} ({rel:.1e})")
+    assert rel <= LOSS_TOL
+
+
 def test_resume_equals_uninterrupted(tmp_path):
+    """From a named checkpoint, and with resume_from: auto from the newest one in the same output
+    directory (nothing there yet: from the start)."""
     train(config(tmp_path / "full"))
-    train(config(tmp_path / "half", **{"train.steps": 2}))
+    train(config(tmp_path / "half", **{"train.steps": 2, "train.resume_from": "auto"}))
     ckpt = tmp_path / "half" / "checkpoints" / "step_2"
     assert sorted(os.listdir(ckpt)) == ["adapter", "optimizer.pt", "rng_rank0.pt", "trainer_state.json"]
     train(config(tmp_path / "resumed", **{"train.resume_from": str(ckpt)}))
-    diff = max_adapter_diff(tmp_path / "full", tmp_path / "resumed")
-    print(f"max |adapter diff| resumed vs uninterrupted: {diff:.2e}")
-    assert diff <= 1e-5
+    train(config(tmp_path / "half", **{"train.resume_from": "auto"}))  # continues the same directory
+    for name in ("resumed", "half"):
+        diff = max_adapter_diff(tmp_path / "full", tmp_path / name)
+        print(f"max |adapter diff| {name} vs uninterrupted: {diff:.2e}")
+        assert diff == 0.0  # the same ops on the same data in one process
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 4]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_warmup_cosine_schedule_and_weight_decay_are_applied(tmp_path):
+    """train.warmup_steps / lr_schedule: cosine set the logged lr, and that lr and
+    train.weight_decay reach the optimizer: lora_A gets no gradient while lora_B is zero, so after
+    AdamW's first step A = A0 x (1 - lr x weight_decay) exactly where A0 is the same run's A
+    without decay."""
+    over = {"train.steps": 4, "train.warmup_steps": 2, "train.lr_schedule": "cosine", "train.lr": 0.1,
+            "train.checkpoint_every": 1}
+    train(config(tmp_path / "decay", **{**over, "train.weight_decay": 0.5}))
+    train(config(tmp_path / "plain", **{**over, "train.steps": 1}))
+    lrs = [row["lr"] for row in metrics(tmp_path / "decay")]
+    assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.05], rel=1e-12)  # warmup (s+1)/2; cosine from step 3
+    a = {k: v for k, v in load_file(tmp_path / "decay" / "checkpoints" / "step_1" / "adapter" /
+                                    "adapter_model.safetensors").items() if "lora_A" in k}
+    a0 = {k: v for k, v in adapter_tensors(tmp_path / "plain").items() if "lora_A" in k}
+    assert a.keys() == a0.keys() and len(a) == 14
+    worst = max(((a[k] - a0[k] * (1 - 0.05 * 0.5)).abs().max() / a0[k].abs().max()).item() for k in a)
+    print(f"weight decay at the warmup lr: relative deviation from A0 x (1 - lr x wd) {worst:.1e}")
+    assert worst == 0.0  # the same multiplication AdamW does, on the same values
 
 
 @pytest.mark.parametrize("world, micro", [(1, 1), (1, 8), (2, 1), (2, 4), (4, 2), (8, 1)])
@@ -146,20 +208,13 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     _one_line_error(cli("train", DEMO, "--set", f"train.resume_from={tmp_path}/none"), "does not exist")
 
 
-def test_trainable_tokens_none_world1_equals_ddp_world2(tmp_path):
-    tokens = "[256, 257, 259]"
-    one = cli("train", DEMO, "--set", *small(tmp_path / "one", **{
-        "adapter.trainable_token_indices": tokens, "train.micro_batch_size": 2}))
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = cli("train", DEMO, "--set", *small(tmp_path / "two", **{
-        "adapter.trainable_token_indices": tokens, "train.micro_batch_size": 4,
-        "parallel.strategy": "ddp", "launch.nproc_per_node": 2}))
+def test_trainable_tokens_none_world1_equals_ddp_world2(single_run, tmp_path):
+    two = cli("train", DEMO, "--set", *small(tmp_path / "two", **{"train.micro_batch_size": 4,
+                                                                  "parallel.strategy": "ddp", "launch.nproc_per_node": 2}))
     assert two.returncode == 0, two.stderr[-3000:]
-    rows = adapter_tensors(tmp_path / "one")["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    rows = adapter_tensors(single_run)["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
     assert rows.shape == (3, 128)
-    diff = max_adapter_diff(tmp_path / "one", tmp_path / "two")
-    print(f"max |adapter diff| with trainable tokens, none@1 vs ddp@2: {diff:.2e}")
-    assert diff <= 1e-4
+    assert_equivalent(tmp_path / "two", single_run, ADAMW_TOL, "LoRA + trainable tokens, none@1 vs ddp@2")
 
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(os.path.dirname(DEMO))) if f.endswith(".yaml")

@@ -128,6 +128,12 @@ class ZeroEngine(Engine):
 
         return [(clean_name(n), p) for n, p in self.model.module.named_parameters() if p.requires_grad]
 
+    def _moment_keys(self) -> tuple[str, ...]:
+        """The per-parameter optimizer state to carry across world sizes: Adam's two moments;
+        plain SGD (no momentum) has none."""
+        inner = self.optimizer.optimizer
+        return ("exp_avg", "exp_avg_sq") if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) else ()
+
     def save_optimizer(self, directory: str) -> None:
         """DeepSpeed's own checkpoint (resumed by DeepSpeed at the same world size), plus the
         adapter's full fp32 Adam moments in ``adapter_optimizer.pt`` (small: the adapter's size),
@@ -135,11 +141,13 @@ class ZeroEngine(Engine):
         from deepspeed.utils import safe_get_full_optimizer_state
 
         self.model.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state")
-        self._map_states()
-        moments = {name: {key: safe_get_full_optimizer_state(p, key).detach().cpu().clone()
-                          for key in ("exp_avg", "exp_avg_sq")} for name, p in self._trainable()}
+        keys = self._moment_keys()
+        if keys:
+            self._map_states()
+        moments = {name: {key: safe_get_full_optimizer_state(p, key).detach().cpu().clone() for key in keys}
+                   for name, p in self._trainable()}
         inner = self.optimizer.optimizer
-        step = next(float(st["step"]) for st in inner.state.values() if "step" in st)
+        step = next((float(st["step"]) for st in inner.state.values() if "step" in st), 0.0)
         if self.dist.is_main:
             torch.save({"step": step, "moments": moments}, os.path.join(directory, "adapter_optimizer.pt"))
 
@@ -180,6 +188,8 @@ class ZeroEngine(Engine):
 
         data = torch.load(path, map_location="cpu", weights_only=True)
         inner = self.optimizer.optimizer
+        if not self._moment_keys():
+            return  # plain SGD: no state
         self._map_states()
         for name, p in self._trainable():
             if name not in data["moments"]:

@@ -30,6 +30,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "steps": 30, "global_batch_size": 8, "micro_batch_size": 4, "lr": 1.0e-3, "seed": 0,
         "checkpoint_every": 10, "resume_from": None, "output_dir": "runs/demo",
         "weight_decay": 0.0, "warmup_steps": 0, "lr_schedule": "constant", "max_grad_norm": 1.0,
+        "optimizer": "adamw",
     },
     "parallel": {"strategy": "none", "tp_size": 1, "use_orig_params": False, "deepspeed_config": None,
                  "activation_checkpointing": False, "mixed_precision": None},
@@ -41,6 +42,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 STRATEGIES = ("none", "ddp", "fsdp1", "fsdp2", "zero1", "zero2", "zero3", "tp", "fsdp2_tp")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def _merge(base: dict, override: dict, source: str) -> None:
@@ -128,6 +130,11 @@ def validate(cfg: dict, source: str) -> None:
         raise RecipeError(f"{source}: parallel.mixed_precision must be null, bfloat16 or float16")
     if train["lr_schedule"] not in SCHEDULES:
         raise RecipeError(f"{source}: train.lr_schedule must be one of {', '.join(SCHEDULES)}")
+    if train["optimizer"] not in OPTIMIZERS:
+        raise RecipeError(f"{source}: train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {train['optimizer']!r}")
+    clip = train["max_grad_norm"]
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        raise RecipeError(f"{source}: train.max_grad_norm must be a number >= 0 or null (no clipping), got {clip!r}")
     for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "train.checkpoint_every",
                 "data.seq_len", "launch.nproc_per_node", "launch.nnodes", "parallel.tp_size"):
         _positive_int(cfg, key, source)

@@ -114,6 +114,36 @@ def _all_reduce_sum(value: torch.Tensor, dist: DistInfo) -> torch.Tensor:
     return value
 
 
+# The loss normalisation, in three named pieces (tests/dist/recipe_fault.py breaks each one on
+# purpose to show that the equivalence tests notice).
+def replica_copies(engine, dist: DistInfo) -> int:
+    """How many ranks hold each sample: 1, or the tensor-parallel size (tp ranks share samples),
+    so a sum over all ranks counts each sample this many times."""
+    return dist.world_size // engine.dp_size
+
+
+def global_target_tokens(batches, engine, dist: DistInfo) -> float:
+    """Tokens that carry loss in the whole global batch (all ranks, all micro batches)."""
+    local = torch.tensor(float(sum(b.target_tokens() for b in batches)), device=dist.device)
+    return _all_reduce_sum(local, dist).item() / replica_copies(engine, dist)
+
+
+def gradient_scale(engine, total: float) -> float:
+    """What a micro batch's summed token loss is multiplied by before backward. DDP / FSDP /
+    ZeRO average gradients over the data-parallel ranks, so dp / total makes the gradient that of
+    (sum of token losses over the global batch) / (its token count) at any world size and micro
+    batch; tensor-parallel ranks compute one gradient together and average nothing."""
+    return engine.dp_size / total
+
+
+def make_optimizer_factory(train_cfg: dict):
+    """``train.optimizer``: adamw (torch AdamW) or sgd (plain: no momentum, no dampening)."""
+    lr, decay = train_cfg["lr"], train_cfg["weight_decay"]
+    if train_cfg["optimizer"] == "sgd":
+        return lambda params: torch.optim.SGD(params, lr=lr, weight_decay=decay)
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+
+
 def peft_snippet(cfg: dict) -> str:
     """The three lines that load the run's adapter with peft."""
     out = cfg["train"]["output_dir"]
@@ -178,10 +208,7 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
         torch.manual_seed(tr["seed"])  # same adapter init on every rank
         inject(model, adapter_cfg)
 
-    def make_optimizer(params):
-        return torch.optim.AdamW(params, lr=tr["lr"], weight_decay=tr["weight_decay"])
-
-    engine = STRATEGIES[cfg["parallel"]["strategy"]](model, make_optimizer, dist, cfg, accumulation)
+    engine = STRATEGIES[cfg["parallel"]["strategy"]](model, make_optimizer_factory(tr), dist, cfg, accumulation)
     data = TextData(texts, tokenizer, cfg["data"]["seq_len"])
     start = 0
     source = resume_source(cfg)
@@ -206,27 +233,22 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
             indices = global_batch_indices(step, len(data), tr["global_batch_size"], tr["seed"])
             batches = [data.batch(mb).to(dist.device)
                        for mb in micro_batches(indices, engine.dp_rank, engine.dp_size, tr["micro_batch_size"])]
-            # sums over all ranks count each sample once per rank that holds it (tp ranks share samples)
-            copies = dist.world_size // engine.dp_size
-            total = _all_reduce_sum(torch.tensor(float(sum(b.target_tokens() for b in batches))), dist).item() / copies
+            total = global_target_tokens(batches, engine, dist)
             loss_sum = torch.zeros((), device=dist.device)
             for i, batch in enumerate(batches):
                 with engine.accumulating(last_micro_step=i == len(batches) - 1):
                     logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
                                            ignore_index=-100, reduction="sum")
-                    # DDP / FSDP average gradients over the data-parallel ranks: scaling by dp/total
-                    # makes the sum of token losses over the global batch / its token count, at any
-                    # world size (tensor-parallel ranks compute one gradient together, no average)
-                    engine.backward(loss * (engine.dp_size / total))
+                    engine.backward(loss * gradient_scale(engine, total))
                     loss_sum += loss.detach()
-            step_loss = (_all_reduce_sum(loss_sum, dist) / copies / total).item()
+            step_loss = (_all_reduce_sum(loss_sum, dist) / replica_copies(engine, dist) / total).item()
             grad_norm = engine.step(tr["max_grad_norm"])
             first_loss = step_loss if first_loss is None else first_loss
             last_loss = step_loss
             if metrics is not None:
                 seconds = time.perf_counter() - t0
-                row = {"step": step + 1, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
+                row = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": round(total / seconds, 1), "seconds": round(time.perf_counter() - t_start, 3)}
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()

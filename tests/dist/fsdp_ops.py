@@ -7,11 +7,12 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dist_adapters as da  # noqa: E402
 from dist_adapters.parallel import fsdp  # noqa: E402
-from helpers import input_ids, randomize_trainable, tiny_llama  # noqa: E402
+from helpers import expected_merged, input_ids, merged_flags, randomize_trainable, tiny_llama  # noqa: E402
 
 engine, out_dir, result_file = sys.argv[1], sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo")
@@ -29,7 +30,23 @@ def build(r=4):
 def wrap(model):
     if engine == "fsdp2":
         return fsdp.shard(model)
-    return fsdp.wrap_fsdp1(model, torch.device("cpu"), use_orig_params=engine == "fsdp1_orig")
+    # torch's FSDP1 as a user calls it, with the library's public wrapping policy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP(model, auto_wrap_policy=fsdp.auto_wrap_policy(model), device_id=torch.device("cpu"),
+                use_orig_params=engine == "fsdp1_orig")
+
+
+def full_base_weights(model):
+    """{plain name: full tensor} of every frozen parameter, gathered with torch's own tools."""
+    if engine == "fsdp2":  # the root group stays unsharded after a forward: its parameters are plain then
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                for n, p in model.named_parameters() if not p.requires_grad}
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(model):
+        return {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                for n, p in model.named_parameters() if not p.requires_grad}
 
 
 def fwd(model):
@@ -39,8 +56,14 @@ def fwd(model):
 
 plain = build()
 expected = fwd(plain)
-base_weights = {n: p.detach().clone() for n, p in plain.named_parameters() if "base_layer" in n}
+base_weights = {n: p.detach().clone() for n, p in plain.named_parameters() if not p.requires_grad}
+merged_target = expected_merged(plain, [3, 5, 100])
 model = wrap(build())
+if engine != "fsdp2":  # auto_wrap_policy: every adapter leaf is an FSDP1 unit of its own
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    results["adapter_leaf_units"] = sum(type(m.module).__name__ in ("LoraFactor", "TokenRows")
+                                        for m in model.modules() if isinstance(m, FSDP))
 results["sharded_vs_plain"] = (fwd(model) - expected).abs().max().item()
 
 # collective save: every rank calls, rank 0 writes; peft (on rank 0) reproduces the plain logits
@@ -50,16 +73,16 @@ results["saved_files"] = sorted(os.listdir(os.path.join(out_dir, "adapter")))
 # merge / unmerge under the engine
 da.merge(model)
 results["merged_vs_plain"] = (fwd(model) - expected).abs().max().item()
+results["merged_flags"] = merged_flags(model)
+merged = full_base_weights(model)
+assert sorted(merged) == sorted(merged_target), sorted(set(merged) ^ set(merged_target))
+results["merged_weights_vs_expected"] = max((merged[n] - merged_target[n]).abs().max().item() for n in merged)
+results["merge_delta"] = max((merged_target[n] - base_weights[n]).abs().max().item() for n in merged)
 da.unmerge(model)
 results["unmerged_vs_plain"] = (fwd(model) - expected).abs().max().item()
-if engine == "fsdp2":
-    from dist_adapters.parallel.state import read_full
-
-    worst = 0.0
-    for n, p in model.named_parameters():
-        if "base_layer" in n:
-            worst = max(worst, (read_full(p).detach() - base_weights[n]).abs().max().item())
-    results["unmerged_weight_diff"] = worst
+results["unmerged_flags"] = merged_flags(model)
+unmerged = full_base_weights(model)
+results["unmerged_weight_diff"] = max((unmerged[n] - base_weights[n]).abs().max().item() for n in unmerged)
 
 # collective load into a freshly sharded model whose adapters start elsewhere (zero rows, r=1 edge:
 # a [1, 32] factor leaves rank 1 with an empty FSDP2 shard)
@@ -73,6 +96,16 @@ results["loaded_vs_plain"] = (fwd(fresh) - expected).abs().max().item()
 tiny = wrap(build(r=1))
 da.save_adapter(tiny, os.path.join(out_dir, "tiny"))
 results["tiny_saved"] = os.path.exists(os.path.join(out_dir, "tiny", "adapter_model.safetensors")) if rank == 0 else True
+
+if engine == "fsdp1_orig":  # FSDP1 keeps biases in frozen flat parameters: bias='all' is refused by name
+    from helpers import tiny_gpt2
+
+    biased = wrap(da.inject(tiny_gpt2(), da.LoraConfig(r=4, target_modules=["c_attn"], bias="all")))
+    try:
+        da.save_adapter(biased, os.path.join(out_dir, "biased"))
+        results["refused_bias"] = None
+    except NotImplementedError as exc:
+        results["refused_bias"] = str(exc)
 
 if rank == 0:
     with open(result_file, "w") as fh:

@@ -25,7 +25,6 @@ from safetensors.torch import save_file  # noqa: E402
 
 import dist_adapters as da  # noqa: E402
 from dist_adapters.checkpoint.megatron_shards import read_megatron_shards, save_megatron_shards  # noqa: E402
-from dist_adapters.parallel.state import read_full, write_full  # noqa: E402
 
 H, FFN, R, ALPHA = 16, 32, 4, 8
 out_dir, result_file = sys.argv[1], sys.argv[2]
@@ -77,40 +76,48 @@ def lora(model, seed=1, init=False):
     return da.inject(model, da.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=init))
 
 
+# Which factors are sharded, and on which dim, written out here (not read from the layers):
+# column-parallel fc1 shards lora_B by output rows, row-parallel fc2 shards lora_A by input columns.
+SHARD_DIM = {"fc1.lora_B.default.weight": 0, "fc2.lora_A.default.weight": 1}
+
+
+def local_slice(name, full):
+    dim = SHARD_DIM.get(name)
+    return full if dim is None or world == 1 else full.chunk(world, dim=dim)[rank].contiguous()
+
+
+def all_gather_cat(t, dim):
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.detach().contiguous(), group=tp_group)
+    return torch.cat(parts, dim=dim)
+
+
 @torch.no_grad()
 def randomize(model, seed=123):
-    """Non-zero full factors, written through write_full (each rank keeps its slice)."""
+    """Non-zero full factors drawn here; each rank copies in its own slice. Returns the full
+    factors, so the reference math below never depends on the library's gathers."""
     g = torch.Generator().manual_seed(seed)
-    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if p.requires_grad:
-            full = read_full(p)
-            write_full(p, full + torch.randn(full.shape, generator=g) * 0.1)
-
-
-def gathered_weights(model):
-    """Full base weights and biases (all-gathered on Megatron's partition dim) and full factors."""
     full = {}
-    for n, p in model.named_parameters():
-        if getattr(p, "tensor_model_parallel", False) and not hasattr(p, "da_tp_group") and world > 1:
-            parts = [torch.empty_like(p) for _ in range(world)]
-            dist.all_gather(parts, p.detach().contiguous(), group=tp_group)
-            full[n] = torch.cat(parts, dim=p.partition_dim)
-        else:
-            full[n] = read_full(p).detach().clone()
+    for n, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            shape = list(p.shape)
+            if n in SHARD_DIM and world > 1:
+                shape[SHARD_DIM[n]] *= world
+            full[n] = torch.randn(shape, generator=g) * 0.1
+            p.copy_(local_slice(n, full[n]))
     return full
 
 
+def full_base(model):
+    """Full base weights and biases: Megatron's partitioned ones all-gathered on Megatron's own
+    partition dim (set by Megatron on its parameters), replicated ones as they are."""
+    return {n: all_gather_cat(p, p.partition_dim) if getattr(p, "tensor_model_parallel", False) and world > 1
+            else p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
 def full_grads(model):
-    out = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            g = p.grad.detach().contiguous()
-            if hasattr(p, "da_tp_group") and world > 1:
-                parts = [torch.empty_like(g) for _ in range(world)]
-                dist.all_gather(parts, g, group=tp_group)
-                g = torch.cat(parts, dim=p.partition_dim)
-            out[n] = g
-    return out
+    return {n: all_gather_cat(p.grad, SHARD_DIM[n]) if n in SHARD_DIM and world > 1 else p.grad.detach().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def reference(w, x, scaling):
@@ -140,11 +147,11 @@ G = torch.randn(5, 3, H, generator=gen)  # loss = sum(y * G): a dense, fixed out
 # 1. forward, input grad, factor grads against full-matrix math, for both wirings
 for variant in ("parallel", "gathered"):
     model = lora(build(variant))
-    randomize(model)
+    factors = randomize(model)
     x = X.clone().requires_grad_(True)
     y = model(x)
     (y * G).sum().backward()
-    ref_y, ref_dx, ref_grads = reference(gathered_weights(model), X, ALPHA / R)
+    ref_y, ref_dx, ref_grads = reference({**full_base(model), **factors}, X, ALPHA / R)
     got = full_grads(model)
     results[f"{variant}_forward"] = worst((y - ref_y).abs().max().item())
     results[f"{variant}_input_grad"] = worst((x.grad - ref_dx).abs().max().item())
@@ -153,14 +160,22 @@ for variant in ("parallel", "gathered"):
     results[f"{variant}_output_scale"] = ref_y.abs().max().item()
     results[f"{variant}_factor_grad_count"] = len(got)
     results[f"{variant}_factor_grad_scale"] = max(v.abs().max().item() for v in ref_grads.values())
-    # merge / unmerge: local per rank
+    # merge / unmerge: local per rank; the merged full weights are W + scaling * B @ A
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    full_w = full_base(model)
+    target = {f"{m}.base_layer.weight": full_w[f"{m}.base_layer.weight"] + ALPHA / R * (
+        factors[f"{m}.lora_B.default.weight"] @ factors[f"{m}.lora_A.default.weight"]) for m in ("fc1", "fc2")}
     with torch.no_grad():
         before = model(X)
         da.merge(model)
         merged = model(X)
+        merged_w = full_base(model)
+        results[f"{variant}_merged_flags"] = [model.fc1.merged_adapters, model.fc2.merged_adapters]
         da.unmerge(model)
         after = model(X)
+    results[f"{variant}_merge_delta"] = max((target[n] - full_w[n]).abs().max().item() for n in target)
+    results[f"{variant}_merged_weights"] = worst(max((merged_w[n] - target[n]).abs().max().item() for n in target))
+    results[f"{variant}_unmerged_flags"] = [model.fc1.merged_adapters, model.fc2.merged_adapters]
     results[f"{variant}_merged_vs_unmerged"] = worst((merged - before).abs().max().item())
     results[f"{variant}_unmerge_weights"] = worst(max((p - base[n]).abs().max().item()
                                                       for n, p in model.named_parameters() if n in base))
@@ -179,7 +194,7 @@ torch.manual_seed(100 + rank)
 da.inject(model, da.LoraConfig(r=R, target_modules=["fc1", "fc2"], init_lora_weights=False))
 spread = 0.0
 for n, p in model.named_parameters():
-    if p.requires_grad and not hasattr(p, "da_tp_group"):
+    if p.requires_grad and n not in SHARD_DIM:
         copies = [torch.empty_like(p) for _ in range(world)]
         dist.all_gather(copies, p.detach(), group=tp_group)
         spread = max(spread, max((c - copies[0]).abs().max().item() for c in copies))
@@ -213,11 +228,11 @@ if world == 1:  # a plain nn.Linear model, LoRA injected from the same RNG state
 
 # 4. adapter_state_dict = gathered math; save_adapter -> load_adapter into a fresh TP model
 model = lora(build())
-randomize(model)
+factors = randomize(model)
 sd = da.adapter_state_dict(model)
-full = gathered_weights(model)
+full = {**full_base(model), **factors}
 results["state_dict_vs_gathered"] = max((sd[f"base_model.model.{n.replace('.default', '')}"] - v).abs().max().item()
-                                        for n, v in full.items() if ".lora_" in n)
+                                        for n, v in factors.items())
 results["state_dict_shapes"] = {k: list(v.shape) for k, v in sd.items()}
 with torch.no_grad():
     expected = model(X)
@@ -243,12 +258,27 @@ if rank == 0:
     save_file({"x": X, "y": expected}, os.path.join(out_dir, "io.safetensors"))
 
 # 6. unsupported options fail loudly, naming the option
-if world > 1:
+def refusal(build_model, config=None):
     try:
-        da.inject(MLP(cfg=config(sequence_parallel=True)), da.LoraConfig(target_modules=["fc1"]))
-        results["sequence_parallel_error"] = None
+        da.inject(build_model(), config or da.LoraConfig(target_modules=["fc1"]))
     except NotImplementedError as exc:
-        results["sequence_parallel_error"] = str(exc)
+        return str(exc)
+    return None
+
+
+class One(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(H, FFN, config=kw.pop("cfg", config()), init_method=nn.init.zeros_, bias=True,
+                                        **kw)
+
+
+results["refused_bias"] = refusal(lambda: One(), da.LoraConfig(target_modules=["fc1"], bias="all"))
+results["refused_no_weight"] = refusal(lambda: One(skip_weight_param_allocation=True))
+results["refused_disable_grad_reduce"] = refusal(lambda: One(disable_grad_reduce=True))
+if world > 1:
+    results["sequence_parallel_error"] = refusal(lambda: MLP(cfg=config(sequence_parallel=True)))
+    results["refused_expert"] = refusal(lambda: One(is_expert=True))
 
 if rank == 0:
     with open(result_file, "w") as fh:

@@ -1,11 +1,19 @@
-"""The recipe under a launcher, with one fault on the first attempt (restart count 0).
+"""The recipe under a launcher, with one fault injected by the test (never by the library).
 
     recipe_fault.py MODE STEP MARKER CONFIG [--set ...]
 
-MODE kill_rank1: rank 1 SIGKILLs itself when training step STEP (0-based) begins.
-MODE kill_in_checkpoint: rank 0 SIGKILLs itself while writing checkpoint step_STEP, after the
-adapter and optimizer files and before the completion marker (trainer_state.json).
-Before dying it writes the time of the kill to MARKER. Restarted attempts run cleanly.
+Crashes, on the first attempt only (restart count 0); before dying the rank writes the time of
+the kill to MARKER, and restarted attempts run cleanly:
+- kill_rank1: rank 1 SIGKILLs itself when training step STEP (0-based) begins.
+- kill_in_checkpoint: rank 0 SIGKILLs itself while writing checkpoint step_STEP, after the
+  adapter and optimizer files and before the completion marker (trainer_state.json).
+
+Wrong arithmetic, on every rank of the job (STEP and MARKER unused), each a bug the equivalence
+tests (tests/equivalence.py) must see:
+- loss_x2: the gradient of every rank is twice what it should be (a dropped "/ world size").
+- no_copies: samples shared by tensor-parallel ranks are counted once per rank (a dropped
+  "/ copies"): the token count doubles under tp=2, the gradient halves.
+- double_allreduce: the recipe's all-reduce of token counts and losses runs twice.
 """
 
 import os
@@ -28,7 +36,7 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-if first_attempt and mode == "kill_rank1" and rank == 1:
+def kill_rank1() -> None:
     lr_at = train._lr_at
 
     def _lr_at(s, tr):
@@ -37,7 +45,9 @@ if first_attempt and mode == "kill_rank1" and rank == 1:
         return lr_at(s, tr)
 
     train._lr_at = _lr_at
-elif first_attempt and mode == "kill_in_checkpoint" and rank == 0:
+
+
+def kill_in_checkpoint() -> None:
     write = checkpoint.atomic_write_text
 
     def atomic_write_text(path, text):
@@ -46,5 +56,23 @@ elif first_attempt and mode == "kill_in_checkpoint" and rank == 0:
         return write(path, text)
 
     checkpoint.atomic_write_text = atomic_write_text
+
+
+if mode == "kill_rank1":
+    if first_attempt and rank == 1:
+        kill_rank1()
+elif mode == "kill_in_checkpoint":
+    if first_attempt and rank == 0:
+        kill_in_checkpoint()
+elif mode == "loss_x2":
+    scale = train.gradient_scale
+    train.gradient_scale = lambda engine, total: 2 * scale(engine, total)
+elif mode == "no_copies":
+    train.replica_copies = lambda engine, dist: 1
+elif mode == "double_allreduce":
+    once = train._all_reduce_sum
+    train._all_reduce_sum = lambda value, dist: once(once(value, dist), dist)
+elif mode != "none":
+    sys.exit(f"recipe_fault.py: unknown mode {mode!r}")
 
 sys.exit(cli.main(["train", *argv]))

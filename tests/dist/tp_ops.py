@@ -12,8 +12,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dist_adapters as da  # noqa: E402
 from dist_adapters.parallel import tensor  # noqa: E402
-from dist_adapters.parallel.state import read_full  # noqa: E402
-from helpers import input_ids, randomize_trainable, tiny_llama  # noqa: E402
+from dist_adapters.parallel.state import is_dtensor, read_full  # noqa: E402
+from helpers import expected_merged, input_ids, merged_flags, randomize_trainable, tiny_llama  # noqa: E402
 
 out_dir, result_file = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -67,12 +67,19 @@ for tie in (False, True):
     plain.eval()
     with torch.no_grad():
         expected = plain(input_ids=input_ids()).logits
-        base = {n: read_full(p).detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        base = {n: p.detach().clone() for n, p in plain.named_parameters() if not p.requires_grad}
+        target = expected_merged(plain, [3, 5, 100])
         da.merge(model)
         results[f"{tag}_merged"] = (model(input_ids=input_ids()).logits - expected).abs().max().item()
+        results[f"{tag}_merged_flags"] = merged_flags(model)
+        merged = {n: p.full_tensor() for n, p in model.named_parameters() if not p.requires_grad}  # torch's gather
+        results[f"{tag}_merged_keys_equal"] = sorted(merged) == sorted(target)
+        results[f"{tag}_merge_delta"] = max((target[n] - base[n]).abs().max().item() for n in target)
+        results[f"{tag}_merged_weights"] = max((merged[n] - target[n]).abs().max().item() for n in target)
         da.unmerge(model)
+        results[f"{tag}_unmerged_flags"] = merged_flags(model)
         results[f"{tag}_unmerged"] = (model(input_ids=input_ids()).logits - expected).abs().max().item()
-        results[f"{tag}_unmerged_weights"] = max((read_full(p) - base[n]).abs().max().item()
+        results[f"{tag}_unmerged_weights"] = max((p.full_tensor() - base[n]).abs().max().item()
                                                  for n, p in model.named_parameters() if not p.requires_grad)
 
     # collective save (full PEFT tensors) and load (sharded back) into a fresh TP model
@@ -101,6 +108,26 @@ params = [p for p in model.parameters() if p.grad is not None] + mixed
 before = tensor.clip_grad_norm_(params, 0.5).item()
 after = tensor.grad_norm(params).item()
 results["clip_before"], results["clip_after"] = before, after
+
+# a plan of the caller's: only q_proj (column) and o_proj (row) are sharded, the rest stays whole
+plain = build(False).eval()
+model = tensor.parallelize(build(False).eval(), plan={"*.self_attn.q_proj": "colwise", "*.self_attn.o_proj": "rowwise"})
+attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+results["plan_placements"] = [str(attn.q_proj.base_layer.weight.placements), str(attn.o_proj.base_layer.weight.placements),
+                              str(attn.q_proj.lora_B["default"].weight.placements),
+                              str(mlp.up_proj.lora_B["default"].weight.placements)]
+results["plan_unsharded_is_plain"] = not is_dtensor(mlp.up_proj.base_layer.weight)
+with torch.no_grad():
+    results["plan_logits"] = (model(input_ids=input_ids()).logits - plain(input_ids=input_ids()).logits).abs().max().item()
+
+# what tensor parallel refuses, by name
+for what, config in (("modules_to_save", da.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
+                     ("bias", da.LoraConfig(r=4, target_modules=["q_proj"], bias="all"))):
+    try:
+        tensor.parallelize(da.inject(tiny_llama(attention_bias=True), config))
+        results[f"refused_{what}"] = None
+    except NotImplementedError as exc:
+        results[f"refused_{what}"] = str(exc)
 
 if rank == 0:
     with open(result_file, "w") as fh:

@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 import dist_adapters as da  # noqa: E402
-from dist_adapters.parallel.deepspeed import gathered  # noqa: E402
 from helpers import input_ids  # noqa: E402
 
 out_dir, result_file = sys.argv[1], sys.argv[2]
@@ -31,8 +30,10 @@ results = {"partitioned_shape": list(q.shape), "ds_shape": list(q.ds_shape)}
 da.inject(model, da.LoraConfig(r=4, target_modules="all-linear", trainable_token_indices=[3, 5, 100],
                                init_lora_weights=False))
 emb = model.model.embed_tokens
-with gathered([emb.base_layer.weight]):
-    true_rows = emb.base_layer.weight[[3, 5, 100]].clone()
+# the rows as saved on disk, not through any gather of ours
+from safetensors.torch import load_file  # noqa: E402
+
+true_rows = load_file(os.path.join(out_dir, "base_model", "model.safetensors"))["model.embed_tokens.weight"][[3, 5, 100]]
 results["token_rows_init_diff"] = (emb.trainable_tokens_delta["default"].weight - true_rows).abs().max().item()
 results["lora_A_shape"] = list(model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape)
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -47,16 +48,21 @@ with torch.no_grad():
     expected = engine(input_ids=ids).logits
 torch.save(expected, os.path.join(out_dir, f"logits_rank{rank}.pt"))
 da.save_adapter(engine, os.path.join(out_dir, "adapter"))
-base_q = engine.module.model.layers[1].mlp.down_proj.base_layer.weight
-with gathered([base_q]):
+layer = engine.module.model.layers[1].mlp.down_proj
+base_q, factors = layer.base_layer.weight, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+with deepspeed.zero.GatheredParameters([base_q, *factors]):  # DeepSpeed's own gather, not ours
     before_merge = base_q.detach().clone()
+    target = before_merge + layer.scaling["default"] * (factors[1] @ factors[0])
 da.merge(engine)
 with torch.no_grad():
     results["merged_vs_unmerged"] = (engine(input_ids=ids).logits - expected).abs().max().item()
-with gathered([base_q]):
-    results["merge_changed_weight"] = (base_q - before_merge).abs().max().item()
+results["merged_flags"] = layer.merged_adapters == ["default"]
+with deepspeed.zero.GatheredParameters([base_q]):
+    results["merge_changed_weight"] = (target - before_merge).abs().max().item()
+    results["merged_weight_vs_expected"] = (base_q - target).abs().max().item()
 da.unmerge(engine)
-with gathered([base_q]):
+results["unmerged_flags"] = layer.merged_adapters == []
+with deepspeed.zero.GatheredParameters([base_q]):
     results["unmerged_weight_diff"] = (base_q - before_merge).abs().max().item()
 with torch.no_grad():
     results["unmerged_vs_before"] = (engine(input_ids=ids).logits - expected).abs().max().item()
