@@ -69,7 +69,7 @@ def test_tp_layers_match_one_process(tmp_path):
         assert r[f"{tag}_state_dict"] <= 1e-6 and r[f"{tag}_state_dict_keys"]
     assert r["tie_kept"]
     assert r["clip_before"] > 0.5 and abs(r["clip_after"] - 0.5) <= 1e-4
-    # parallelize(plan=...): the caller's plan decides what is sharded
+    # parallelize(plan=...): the caller's plan decides what is sharded (here the MLP only)
     assert r["plan_placements"] == ["(Shard(dim=0),)", "(Shard(dim=1),)", "(Shard(dim=0),)", "(Replicate(),)"]
     assert r["plan_unsharded_is_plain"] and r["plan_logits"] <= 1e-5
     assert "lm_head is in modules_to_save" in r["refused_modules_to_save"]

@@ -81,7 +81,8 @@ def partitioned_loading(config: dict):
 
 
 def zero_config(parallel: dict, stage: int, train: dict, world_size: int, accumulation: int) -> dict:
-    """The user's JSON (or the default for ``stage``) with the batch keys the recipe owns."""
+    """The user's JSON (or the default for ``stage``) with the keys the recipe owns: the batch
+    sizes and ``gradient_clipping`` (from ``train.max_grad_norm``; null or 0: none)."""
     if parallel["deepspeed_config"]:
         with open(parallel["deepspeed_config"], encoding="utf-8") as fh:
             config = json.load(fh)
@@ -92,8 +93,8 @@ def zero_config(parallel: dict, stage: int, train: dict, world_size: int, accumu
     config["train_micro_batch_size_per_gpu"] = train["micro_batch_size"]
     config["gradient_accumulation_steps"] = accumulation
     config["train_batch_size"] = train["micro_batch_size"] * accumulation * world_size
-    if train["max_grad_norm"]:
-        config["gradient_clipping"] = train["max_grad_norm"]
+    # always set: DeepSpeed's own default is 1.0, which would clip a run that asked for no clipping
+    config["gradient_clipping"] = float(train["max_grad_norm"] or 0.0)
     return config
 
 

@@ -109,6 +109,7 @@ def parallelize(model: nn.Module, mesh=None, plan: Optional[dict] = None) -> nn.
         kind = "cuda" if torch.cuda.is_available() else "cpu"
         mesh = init_device_mesh(kind, (torch.distributed.get_world_size(),))
     plan = LLAMA_PLAN if plan is None else plan
+    _check_trainable(model)
     tp = mesh.size()
     placed: set[int] = set()
     ties = _tied_weights(model)
@@ -116,9 +117,6 @@ def parallelize(model: nn.Module, mesh=None, plan: Optional[dict] = None) -> nn.
         style = next((s for pattern, s in plan.items() if fnmatch.fnmatchcase(_plain_name(name), pattern)), None)
         if style is None or isinstance(module, (nn.ModuleDict, _adapter_leaf_types())):
             continue
-        if getattr(module, "modules_to_save", None) is not None:
-            raise NotImplementedError(f"tensor parallel: {name} is in modules_to_save; a trainable full copy of a "
-                                      "sharded layer is not supported under tp (use fsdp2, or leave it out)")
         base = module.base_layer if isinstance(module, (LoraLinear, LoraEmbedding, TrainableTokensLayer,
                                                         TiedTokensHead)) else module
         if isinstance(base, nn.Linear) or isinstance(base, nn.Embedding):
@@ -138,13 +136,25 @@ def parallelize(model: nn.Module, mesh=None, plan: Optional[dict] = None) -> nn.
     for name, module in model.named_modules():
         for pname, p in list(module.named_parameters(recurse=False)):
             if p.requires_grad and not _is_dtensor(p):
-                if not isinstance(module, _adapter_leaf_types()):
-                    raise NotImplementedError(f"tensor parallel: trainable parameter {name}.{pname} belongs to a "
-                                              f"{type(module).__name__}; only adapter leaves (LoRA factors, token "
-                                              "rows) are supported under tp (bias='none', no modules_to_save)")
                 module.register_parameter(pname, nn.Parameter(distribute_tensor(p.data, mesh, [_placement("replicate")]),
                                                               requires_grad=True))
     return model
+
+
+def _check_trainable(model: nn.Module) -> None:
+    """Only adapter leaves may train under tp: a trainable full copy (modules_to_save) or a
+    trainable bias would be sharded by the base's style and saved, merged and clipped as no
+    adapter tensor is; refused before anything is sharded."""
+    for name, module in model.named_modules():
+        if getattr(module, "modules_to_save", None) is not None:
+            raise NotImplementedError(f"tensor parallel: {name} is in modules_to_save; a trainable full copy of a "
+                                      "sharded layer is not supported under tp (use fsdp2, or leave it out)")
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.requires_grad and not isinstance(module, _adapter_leaf_types()):
+                raise NotImplementedError(f"tensor parallel: trainable parameter {name}.{pname} belongs to a "
+                                          f"{type(module).__name__}; only adapter leaves (LoRA factors, token "
+                                          "rows) are supported under tp (bias='none', no modules_to_save)")
 
 
 def _adapter_leaf_types() -> tuple:

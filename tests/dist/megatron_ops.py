@@ -170,12 +170,12 @@ for variant in ("parallel", "gathered"):
         da.merge(model)
         merged = model(X)
         merged_w = full_base(model)
-        results[f"{variant}_merged_flags"] = [model.fc1.merged_adapters, model.fc2.merged_adapters]
+        results[f"{variant}_merged_flags"] = [list(model.fc1.merged_adapters), list(model.fc2.merged_adapters)]
         da.unmerge(model)
         after = model(X)
     results[f"{variant}_merge_delta"] = max((target[n] - full_w[n]).abs().max().item() for n in target)
     results[f"{variant}_merged_weights"] = worst(max((merged_w[n] - target[n]).abs().max().item() for n in target))
-    results[f"{variant}_unmerged_flags"] = [model.fc1.merged_adapters, model.fc2.merged_adapters]
+    results[f"{variant}_unmerged_flags"] = [list(model.fc1.merged_adapters), list(model.fc2.merged_adapters)]
     results[f"{variant}_merged_vs_unmerged"] = worst((merged - before).abs().max().item())
     results[f"{variant}_unmerge_weights"] = worst(max((p - base[n]).abs().max().item()
                                                       for n, p in model.named_parameters() if n in base))

@@ -79,7 +79,7 @@ elif engine == "fsdp1":
 else:
     import deepspeed
 
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
     params = [p for p in model.parameters() if p.requires_grad]
     model, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(params, lr=0.1), config=config)
 

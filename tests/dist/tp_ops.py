@@ -34,6 +34,11 @@ def loss_of(model):
     return logits, torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
+def full(p):
+    """A parameter's full value through torch's own gather (norms outside the plan are plain)."""
+    return p.full_tensor() if is_dtensor(p) else p
+
+
 def grads(model):
     return {n: read_full(p.grad).detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -72,14 +77,14 @@ for tie in (False, True):
         da.merge(model)
         results[f"{tag}_merged"] = (model(input_ids=input_ids()).logits - expected).abs().max().item()
         results[f"{tag}_merged_flags"] = merged_flags(model)
-        merged = {n: p.full_tensor() for n, p in model.named_parameters() if not p.requires_grad}  # torch's gather
+        merged = {n: full(p) for n, p in model.named_parameters() if not p.requires_grad}
         results[f"{tag}_merged_keys_equal"] = sorted(merged) == sorted(target)
         results[f"{tag}_merge_delta"] = max((target[n] - base[n]).abs().max().item() for n in target)
         results[f"{tag}_merged_weights"] = max((merged[n] - target[n]).abs().max().item() for n in target)
         da.unmerge(model)
         results[f"{tag}_unmerged_flags"] = merged_flags(model)
         results[f"{tag}_unmerged"] = (model(input_ids=input_ids()).logits - expected).abs().max().item()
-        results[f"{tag}_unmerged_weights"] = max((p.full_tensor() - base[n]).abs().max().item()
+        results[f"{tag}_unmerged_weights"] = max((full(p) - base[n]).abs().max().item()
                                                  for n, p in model.named_parameters() if not p.requires_grad)
 
     # collective save (full PEFT tensors) and load (sharded back) into a fresh TP model
@@ -109,14 +114,16 @@ before = tensor.clip_grad_norm_(params, 0.5).item()
 after = tensor.grad_norm(params).item()
 results["clip_before"], results["clip_after"] = before, after
 
-# a plan of the caller's: only q_proj (column) and o_proj (row) are sharded, the rest stays whole
+# a plan of the caller's: only the MLP is sharded (gate / up by columns, down by rows), attention whole
 plain = build(False).eval()
-model = tensor.parallelize(build(False).eval(), plan={"*.self_attn.q_proj": "colwise", "*.self_attn.o_proj": "rowwise"})
+plan = {"*.mlp.gate_proj": "colwise", "*.mlp.up_proj": "colwise", "*.mlp.down_proj": "rowwise"}
+model = tensor.parallelize(build(False).eval(), plan=plan)
 attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-results["plan_placements"] = [str(attn.q_proj.base_layer.weight.placements), str(attn.o_proj.base_layer.weight.placements),
-                              str(attn.q_proj.lora_B["default"].weight.placements),
-                              str(mlp.up_proj.lora_B["default"].weight.placements)]
-results["plan_unsharded_is_plain"] = not is_dtensor(mlp.up_proj.base_layer.weight)
+results["plan_placements"] = [str(mlp.gate_proj.base_layer.weight.placements),
+                              str(mlp.down_proj.base_layer.weight.placements),
+                              str(mlp.up_proj.lora_B["default"].weight.placements),
+                              str(attn.q_proj.lora_B["default"].weight.placements)]
+results["plan_unsharded_is_plain"] = not is_dtensor(attn.q_proj.base_layer.weight)
 with torch.no_grad():
     results["plan_logits"] = (model(input_ids=input_ids()).logits - plain(input_ids=input_ids()).logits).abs().max().item()
 
