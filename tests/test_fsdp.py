@@ -58,6 +58,7 @@ def test_activation_checkpointing_really_recomputes_each_block(single_run, tmp_p
                                                "parallel.activation_checkpointing": "true", **extra})
     micro_steps = 4  # 4 steps x (8 samples / 2 ranks / micro batch 4)
     assert probe["block_calls"] and set(probe["block_calls"].values()) == {2 * micro_steps}, probe
+    assert probe["training"] == [True] and probe["base_dtypes"] == [["torch.float32", "torch.float32"]], probe
     assert_equivalent(tmp_path / "run", single_run, ADAMW_TOL, f"{strategy} {extra} + checkpointing@2 vs none@1")
 
 

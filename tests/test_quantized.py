@@ -184,7 +184,9 @@ def test_qlora_recipe_on_two_ranks_equals_one_process(qlora_single, tmp_path, st
 def test_qlora_fsdp2_with_activation_checkpointing_equals_one_process(qlora_single, tmp_path):
     probe = probed_run(tmp_path / "run", 2, **{"model.quantization": "{bits: 4}", "parallel.strategy": "fsdp2",
                                                "parallel.activation_checkpointing": "true"})
-    assert set(probe["block_calls"].values()) == {2 * 4}, probe  # 4 micro steps, each block run twice
+    # from_pretrained returns an eval-mode model: the recipe must train it in train mode, or
+    # checkpointing (and dropout) would be off; 4 micro steps, each block run twice
+    assert probe["training"] == [True] and set(probe["block_calls"].values()) == {2 * 4}, probe
     assert_equivalent(tmp_path / "run", qlora_single, ADAMW_TOL, "QLoRA fsdp2 + checkpointing@2 vs none@1")
 
 

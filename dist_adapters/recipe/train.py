@@ -208,6 +208,9 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
         torch.manual_seed(tr["seed"])  # same adapter init on every rank
         inject(model, adapter_cfg)
 
+    # from_pretrained (model.path, QLoRA, LoftQ) returns the model in eval mode, which would turn
+    # off lora_dropout and transformers' activation checkpointing without a word
+    model.train()
     engine = STRATEGIES[cfg["parallel"]["strategy"]](model, make_optimizer_factory(tr), dist, cfg, accumulation)
     data = TextData(texts, tokenizer, cfg["data"]["seq_len"])
     start = 0

@@ -6,6 +6,8 @@ After the adapter is injected, forward hooks record on every rank:
 - ``block_calls``: how many times each transformer block's MLP ran ``forward`` (activation
   checkpointing runs each block's body again in backward: twice as many). Counted by wrapping the
   MLP class's ``forward``: the recomputation in backward does not fire module hooks here;
+- ``training``: the blocks' ``training`` flags seen in forward (eval mode would silently turn off
+  dropout and transformers' activation checkpointing);
 - ``base_dtypes``: the dtypes of the first adapted Linear's base weight and output while it ran
   (FSDP mixed precision computes in its param_dtype over fp32 shards).
 Rank 0 writes them to RESULT_JSON when the run ends. The library knows nothing of this.
@@ -19,7 +21,7 @@ from dist_adapters import cli
 from dist_adapters.recipe import train
 
 result_file, *argv = sys.argv[1:]
-seen = {"block_calls": {}, "base_dtypes": set()}
+seen = {"block_calls": {}, "base_dtypes": set(), "training": set()}
 inject = train.inject
 
 
@@ -35,6 +37,7 @@ def probed_inject(model, config, *args, **kwargs):
 
     def counting_forward(self, *args, **kwargs):
         seen["block_calls"][names[id(self)]] += 1
+        seen["training"].add(self.training)
         return forward(self, *args, **kwargs)
 
     mlp_class.forward = counting_forward
@@ -48,5 +51,6 @@ train.inject = probed_inject
 code = cli.main(["train", *argv])
 if int(os.environ.get("RANK", "0")) == 0:
     with open(result_file, "w", encoding="utf-8") as fh:
-        json.dump({"block_calls": seen["block_calls"], "base_dtypes": sorted(seen["base_dtypes"])}, fh)
+        json.dump({"block_calls": seen["block_calls"], "base_dtypes": sorted(seen["base_dtypes"]),
+                   "training": sorted(seen["training"])}, fh)
 sys.exit(code)
