@@ -1,8 +1,8 @@
 """The signature check: a run under some strategy and world size trained what the single-process
 run trained. Three parts, each able to see what the others cannot:
 
-- step-1 ``loss`` (relative 1e-5): the loss normalisation over the global batch;
-- step-1 ``grad_norm`` (relative 1e-5, before clipping): the gradient's scale, which a wrong
+- step-1 ``loss`` (relative 1e-6): the loss normalisation over the global batch;
+- step-1 ``grad_norm`` (relative 1e-6, before clipping): the gradient's scale, which a wrong
   ``/ world size`` or a doubled reduction changes and clipped Adam would hide;
 - the final adapter (absolute, per test): after plain SGD the difference is proportional to the
   gradient difference; after AdamW it shows wrong directions, not wrong scales.
@@ -20,7 +20,8 @@ import torch
 
 from recipe_helpers import adapter_tensors
 
-METRIC_RTOL = 1e-5  # the issue's bound; measured differences are printed by each test
+# measured 0 to 9e-8 relative for every strategy (issue 15 asks for 1e-5 at most)
+METRIC_RTOL = 1e-6
 
 
 def metrics(run_dir) -> list[dict]:

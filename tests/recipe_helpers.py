@@ -40,13 +40,13 @@ def adapter_tensors(run_dir) -> dict[str, torch.Tensor]:
 
 
 def assert_peft_reproduces(run_dir) -> None:
-    """peft on ``run_dir/base_model`` + ``run_dir/adapter`` gives our loader's logits (1e-5), and
+    """peft on ``run_dir/base_model`` + ``run_dir/adapter`` gives our loader's logits, and
     the adapter really changed the model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     import dist_adapters as da
-    from helpers import input_ids
+    from helpers import LOGITS_TOL, input_ids
 
     base = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "base_model")).eval()
     with torch.no_grad():
@@ -54,7 +54,7 @@ def assert_peft_reproduces(run_dir) -> None:
         theirs = PeftModel.from_pretrained(base, os.path.join(run_dir, "adapter")).eval()
         ours = da.load_adapter(AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "base_model")),
                                os.path.join(run_dir, "adapter")).eval()
-        assert (theirs(input_ids=input_ids()).logits - ours(input_ids=input_ids()).logits).abs().max() <= 1e-5
+        assert (theirs(input_ids=input_ids()).logits - ours(input_ids=input_ids()).logits).abs().max() <= LOGITS_TOL
         assert (ours(input_ids=input_ids()).logits - base_logits).abs().max() > 1e-3
 
 
@@ -67,9 +67,11 @@ def max_adapter_diff(a, b) -> float:
 # Plain SGD (no momentum), no clipping: the adapter after a step moves by lr x gradient, so a wrong
 # gradient scale shows in the adapter itself (AdamW is invariant to it, clipping hides it).
 SGD = {"train.optimizer": "sgd", "train.max_grad_norm": "null", "train.lr": 0.1}
-# Adapter tolerances of the equivalence tests (tests/equivalence.py), 4 steps at lr 1e-2 (AdamW)
-# or 0.1 (SGD). TODO measured
-ADAMW_TOL = 1e-4
+# Adapter tolerances of the equivalence tests (tests/equivalence.py) after 4 steps, data-parallel
+# engines (tensor parallel: test_tp.RECIPE_TOL). AdamW at lr 1e-2 turns ~1e-7 gradient rounding
+# into measured 1.2e-6 to 4.8e-6 (ddp, fsdp1/2, zero1-3, QLoRA, LoftQ); plain SGD at lr 0.1 keeps it
+# at measured 4.5e-8 to 6e-8, where a 2x gradient moves the adapter by 4e-2.
+ADAMW_TOL = 5e-5
 SGD_TOL = 5e-7
 
 

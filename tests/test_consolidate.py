@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from helpers import input_ids
 from recipe_helpers import ROOT, cli
 
-LOGIT_TOL = 1e-5
+LOGIT_TOL = 3e-6  # peft over the consolidated adapter vs the live engine; measured 1.8e-7 to 3.1e-7
 
 # (kind, adapter, extra args): one torchrun each, run two at a time by the fixture
 RUNS = {
@@ -386,10 +386,13 @@ def test_consolidation_memory_stays_near_the_adapter_size(tmp_path):
                                            "--layers", "4", "--lora-rank", "16", "--steps", "1"])
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
-    code = ("import resource, sys; from dist_adapters.cli import main\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child of this pytest
+    # process would report pytest's own peak (measured: 519 MB for any consolidation)
+    code = ("import re, sys; from dist_adapters.cli import main\n"
+            "def vm(k): return int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
+            "before = vm('VmRSS')\n"
             "rc = main(['consolidate', sys.argv[1], sys.argv[2], '--quiet'])\n"
-            "print(rc, before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+            "print(rc, before, vm('VmHWM'))\n")
     res = subprocess.run([sys.executable, "-c", code, str(run / "ckpt"), str(tmp_path / "out")], capture_output=True,
                          text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -401,4 +404,6 @@ def test_consolidation_memory_stays_near_the_adapter_size(tmp_path):
           f"{adapter / mb:.2f} MB; frozen model states in the checkpoint {frozen / mb:.1f} MB")
     assert rc == 0 and frozen > 100 * mb
     assert peak < adapter + 250 * mb
-    assert peak - before < adapter + 16 * mb  # TODO measured
+    # measured 30.4 MB above the imports (42.7 MB in all): modules imported on the way, buffers, the
+    # adapter; the frozen model states alone are 118 MB
+    assert peak - before < 0.5 * frozen

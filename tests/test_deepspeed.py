@@ -14,12 +14,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import input_ids, tiny_llama
+from helpers import LOGITS_TOL, WEIGHTS_TOL, input_ids, tiny_llama
 from equivalence import assert_equivalent
 from recipe_helpers import (ADAMW_TOL, DEMO, ROOT, SGD, SGD_TOL, assert_peft_reproduces, cli, max_adapter_diff,
                             small)
 
-RESUME_TOL = 1e-6  # TODO measured
+RESUME_TOL = 3e-6  # measured 0.0 (2 -> 1 and 2 -> 2 ranks); 2.8e-7 under tp (test_tp.py)
 
 _RUNS: dict = {}
 
@@ -83,11 +83,13 @@ def test_zero3_partitioned_model_inject_save_merge(tmp_path):
     assert got["partitioned_shape"] == [0] and got["ds_shape"] == [32, 32]  # really partitioned
     assert got["lora_A_shape"] == [4, 32]  # injected with shapes from ds_shape
     assert got["token_rows_init_diff"] == 0.0  # token rows copied through the ZeRO-3 gather (vs the file)
-    assert got["merge_changed_weight"] > 1e-3 and got["merged_weight_vs_expected"] <= 1e-6
-    assert got["merged_flags"] and got["unmerged_flags"] and got["merged_vs_unmerged"] <= 1e-4
-    assert got["unmerged_weight_diff"] <= 1e-5 and got["unmerged_vs_before"] <= 1e-5
+    # measured: merged weights 0.0 from the expected, logits 2.4e-7, unmerged weights 1.5e-8,
+    # unmerged logits 1.8e-7 to 2.4e-7, unloaded 1.2e-7 to 1.6e-7
+    assert got["merge_changed_weight"] > 1e-3 and got["merged_weight_vs_expected"] <= WEIGHTS_TOL
+    assert got["merged_flags"] and got["unmerged_flags"] and got["merged_vs_unmerged"] <= LOGITS_TOL
+    assert got["unmerged_weight_diff"] <= WEIGHTS_TOL and got["unmerged_vs_before"] <= LOGITS_TOL
     assert got["halved_differs"] > 1e-3 and got["after_step_vs_loaded"] == 0.0  # fp32 master updated
-    assert got["unloaded_vs_before"] <= 1e-4 and not got["unloaded_has_lora"]
+    assert got["unloaded_vs_before"] <= LOGITS_TOL and not got["unloaded_has_lora"]
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert saved["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
     assert all(t.numel() > 0 for t in saved.values())  # no empty placeholders
@@ -95,7 +97,7 @@ def test_zero3_partitioned_model_inject_save_merge(tmp_path):
                                        str(tmp_path / "adapter")).eval()
     ours = torch.load(tmp_path / "logits_rank0.pt", weights_only=True)
     with torch.no_grad():
-        assert (theirs(input_ids=input_ids()).logits - ours).abs().max() <= 1e-5
+        assert (theirs(input_ids=input_ids()).logits - ours).abs().max() <= LOGITS_TOL  # measured 6e-8
 
 
 def test_hf_trainer_with_accelerate_deepspeed_config(tmp_path):

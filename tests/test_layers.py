@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 import dist_adapters as da
 from dist_adapters.layers.lora import LoraEmbedding, LoraLinear
-from helpers import expected_merged, logits, max_diff, merged_flags, randomize_trainable, tiny_gpt2, tiny_llama
+from helpers import WEIGHTS_TOL, expected_merged, logits, max_diff, merged_flags, randomize_trainable, tiny_gpt2, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_default_init_is_a_noop_with_kaiming_A_and_zero_B():
     base = logits(tiny_llama())
     model = da.inject(tiny_llama(), da.LoraConfig(r=4, target_modules="all-linear"))
-    assert torch.equal(logits(model), base)
+    assert torch.equal(logits(model), base)  # adding B = 0 exactly leaves every value as it is
     layer = model.model.layers[0].mlp.up_proj
     assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
     a = layer.lora_A["default"].weight
@@ -70,7 +70,7 @@ def test_linear_and_conv1d_math():
         w = base.weight.T if fan_in_fan_out else base.weight  # [out, in]
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         expected = x @ w.T + base.bias + (x @ a.T @ b.T) * 3.0
-        assert max_diff(layer(x), expected) <= 1e-5
+        assert max_diff(layer(x), expected) <= 5e-6  # other op order; measured 4.8e-7
         assert (layer.in_features, layer.out_features) == (16, 24)
 
 
@@ -184,5 +184,5 @@ def test_engine_wrapper_names_do_not_leak_into_saved_keys(tmp_path):
     assert all(torch.equal(got[k], expected[k]) for k in got)  # the same tensors, copied
     assert flags == ["['default']"] and merged_flags(plain) == ["[]"]
     assert max((target[n] - before[n]).abs().max().item() for n in target) > 1e-2
-    assert max(max_diff(merged[n], target[n]) for n in target) <= 1e-6
-    assert max(max_diff(p, before[n]) for n, p in plain.named_parameters() if n in before) <= 1e-6
+    assert max(max_diff(merged[n], target[n]) for n in target) <= WEIGHTS_TOL
+    assert max(max_diff(p, before[n]) for n, p in plain.named_parameters() if n in before) <= WEIGHTS_TOL

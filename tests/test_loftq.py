@@ -21,7 +21,7 @@ from torch import nn
 import dist_adapters as da
 from dist_adapters.cli import main as cli_main
 from dist_adapters.init import loftq as lq
-from helpers import logits, tiny_llama
+from helpers import LOGITS_TOL, logits, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +65,7 @@ def test_nf_quantizer_matches_bitsandbytes_nf4():
     assert torch.allclose(lq.nf_code_book(4), bnb_utils.CODE["nf4"].cpu(), atol=2e-7)
     w = weight(256, 384)
     q = lq.quantize_dequantize(w, 4)
-    assert (q - lq.quantize_dequantize(w, 4, quantizer="bnb")).abs().max() < 1e-6
+    assert (q - lq.quantize_dequantize(w, 4, quantizer="bnb")).abs().max() < 2e-7  # measured 1.5e-8
     assert torch.equal(lq.quantize_dequantize(q, 4), q)  # Q is on the grid: quantizing it again keeps it
     errors = [rel(w, lq.quantize_dequantize(w, bits)) for bits in (2, 4, 8)]
     assert errors[0] > errors[1] > errors[2] > 0
@@ -115,7 +115,7 @@ def test_peft_loftq_ignores_scaling_ours_does_not(monkeypatch, alpha):
     e0 = rel(w, lq.quantize_dequantize(w, 4))
     assert e_ours < e0
     if alpha == 8:
-        assert e_ours == pytest.approx(e_peft, rel=1e-4)
+        assert e_ours == pytest.approx(e_peft, rel=1e-6)  # measured 8.7e-8
         assert (ours[0].base_layer.weight - layer.base_layer.weight).abs().max() <= 1e-6  # the same Q
     else:
         assert e_peft > e0 > e_ours, (e_peft, e0, e_ours)
@@ -238,7 +238,7 @@ def test_cli_loftq_4bit_load_reproduces_q(tmp_path):
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
     nf4 = PeftModel.from_pretrained(nf4, out / "loftq_init")
-    assert (logits(nf4) - logits(fp32)).abs().max() < 1e-4
+    assert (logits(nf4) - logits(fp32)).abs().max() < 2e-6  # measured 1.8e-7
     names = [n for n, m in original.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
     ref = logits(original)
     assert (logits(nf4) - ref).norm() < (logits(plain_nf4(original, names)) - ref).norm()
@@ -268,8 +268,9 @@ def test_cli_loftq_svd_and_quantizer_options(tmp_path, capsys):
     changed = sum((qs["exact-bnb"][k] != qs["exact-torch"][k]).sum().item() for k in qs["exact-bnb"])
     with capsys.disabled():
         print(f"LoftQ error: {errors}; Q values that differ between the quantizers: {changed}")
-    assert abs(errors["exact-bnb"] - errors["exact-torch"]) <= 1e-5  # TODO measured
-    assert abs(errors["randomized-torch"] - errors["exact-torch"]) <= 1e-5  # TODO measured
+    # measured: equal to the 5 decimals printed (0.07592 each); 1e-5 is that resolution
+    assert abs(errors["exact-bnb"] - errors["exact-torch"]) <= 1e-5
+    assert abs(errors["randomized-torch"] - errors["exact-torch"]) <= 1e-5
     tiny_llama().save_pretrained(tmp_path / "narrow")  # hidden 32
     assert cli_main(["loftq", str(tmp_path / "narrow"), str(tmp_path / "bad"), "--quantizer", "bnb"]) == 2
     assert "quantizer='bnb' on CPU needs rows whose length is a multiple of 64" in capsys.readouterr().err
@@ -319,35 +320,51 @@ def test_stream_holds_one_source_tensor_at_a_time(tmp_path, monkeypatch):
     assert done["modules"] == 21 and reads[0] == 21 and peak[0] == 1 and not alive
 
 
-def test_stream_peak_memory_is_far_below_model_size(tmp_path):
-    """A 152 MB checkpoint (48 MB of targeted matrices, 104 MB of others): the process grows by a
-    small multiple of one 1 MB matrix (peak RSS of a fresh process, after a warm-up), not by the
-    model, nor by all the Q matrices (as writing them with one save_file call at the end would)."""
+def _stream_growth(tmp_path, layers: int) -> tuple[int, int]:
+    """(peak resident growth of a fresh process streaming LoftQ over a checkpoint of ``layers``
+    layers, the checkpoint's size): 1 MB targeted matrices, 8 MB untargeted ones every other layer."""
     g = torch.Generator().manual_seed(0)
     tensors = {"model.embed_tokens.weight": torch.randn(2048, 1024, generator=g)}
-    for i in range(24):
+    for i in range(layers):
         tensors[f"model.layers.{i}.mlp.up_proj.weight"] = torch.randn(512, 512, generator=g) * 0.02
         tensors[f"model.layers.{i}.mlp.down_proj.weight"] = torch.randn(512, 512, generator=g) * 0.02
         if i % 2:
             tensors[f"model.layers.{i}.big.weight"] = torch.randn(2048, 1024, generator=g)  # untargeted
     size = sum(t.numel() * 4 for t in tensors.values())
-    (tmp_path / "src").mkdir()
-    save_file(tensors, tmp_path / "src" / "model.safetensors")
+    src, out = tmp_path / f"src{layers}", tmp_path / f"out{layers}"
+    src.mkdir()
+    save_file(tensors, src / "model.safetensors")
     del tensors
+    # VmHWM reset after the warm-up, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so
+    # this child would start at pytest's own peak and report no growth whatever it did
     script = (
-        "import resource, sys, torch\n"
+        "import re, sys, torch\n"
         "from dist_adapters.init.loftq import loftq_factors, loftq_model_dir\n"
+        "def vm(k): return int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
         "loftq_factors(torch.randn(512, 512) * 0.02, 8, 4, 1, svd='randomized')\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "base = vm('VmRSS')\n"
         "loftq_model_dir(sys.argv[1], sys.argv[2], r=8, iters=1, svd='randomized', progress=False,\n"
         "                target_modules=['up_proj', 'down_proj'])\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)\n")
-    res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "src"), str(tmp_path / "out")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+        "print(vm('VmHWM') - base)\n")
+    res = subprocess.run([sys.executable, "-c", script, str(src), str(out)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    growth = int(res.stdout.strip().splitlines()[-1])
-    assert growth < 0.2 * size, (growth / 2**20, size / 2**20)  # 30 MB
-    assert os.path.getsize(tmp_path / "out" / "model.safetensors") == os.path.getsize(tmp_path / "src" / "model.safetensors")
+    assert os.path.getsize(out / "model.safetensors") == os.path.getsize(src / "model.safetensors")
+    return int(res.stdout.strip().splitlines()[-1]), size
+
+
+def test_stream_peak_memory_does_not_grow_with_the_model(tmp_path):
+    """A 152 MB and a 304 MB checkpoint: the streaming pass grows the process by the same fixed
+    amount (library buffers; measured 47-57 MB), not by the model, nor by all the Q matrices
+    (as writing them with one save_file call at the end would: +48 MB more for the larger one)."""
+    (small, small_size), (large, large_size) = _stream_growth(tmp_path, 24), _stream_growth(tmp_path, 48)
+    mb = 2 ** 20
+    print(f"LoftQ stream: peak growth {small / mb:.1f} MB for {small_size / mb:.0f} MB, "
+          f"{large / mb:.1f} MB for {large_size / mb:.0f} MB")
+    # measured 0 to 10.5 MB apart; holding every Q until the end would add 48 MB, reading the model 144 MB
+    assert large - small < 24 * mb
+    assert small < 0.5 * small_size  # measured 0.31
 
 
 # ----------------------------------------------------------------------------- replace_lora_weights_loftq
@@ -379,7 +396,7 @@ def test_replace_lora_weights_loftq_over_bnb_linear4bit(tmp_path):
     approx = q + s * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     best = torch.linalg.svd(w - q)
     optimal = (best.S[8:] ** 2).sum().sqrt() / w.norm()  # Eckart-Young: the best rank-8 correction
-    assert rel(w, approx) == pytest.approx(optimal.item(), rel=1e-4) and rel(w, approx) < rel(w, q)
+    assert rel(w, approx) == pytest.approx(optimal.item(), rel=4e-6) and rel(w, approx) < rel(w, q)  # measured 3.6e-7
     x = torch.randn(4, 256)
     with torch.no_grad():
         assert (layer(x) - x @ w.T).norm() < (qbase(x) - x @ w.T).norm()
@@ -455,7 +472,7 @@ def test_recipe_loftq_qlora_starts_closer_and_loads_in_peft(loftq_single):
     ours = da.load_adapter(four_bit(), str(out / "adapter")).eval()
     diff = (logits(theirs) - logits(ours)).abs().max().item()
     print(f"peft vs ours over the LoftQ 4-bit base: {diff:.2e}")
-    assert diff <= 1e-4
+    assert diff <= LOGITS_TOL  # measured 0.0
     trained, init = adapter_tensors(out), load_file(out / "loftq_init" / "adapter_model.safetensors")
     assert trained.keys() == init.keys() and any(not torch.equal(trained[k], init[k]) for k in init)
 

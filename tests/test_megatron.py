@@ -16,8 +16,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dist_adapters.checkpoint.megatron_shards import read_megatron_shards  # noqa: E402
+from helpers import LOGITS_TOL, WEIGHTS_TOL  # noqa: E402
 from recipe_helpers import ROOT  # noqa: E402
 
+# Megatron's TP math vs full-matrix math: measured up to 3.8e-6 for factor gradients of size ~30 (sums
+# over 15 tokens), 9.5e-7 for outputs after merge, 0 to 5.4e-7 elsewhere
 TOL = 1e-5
 H, FFN, R = 16, 32, 4  # as in tests/dist/megatron_ops.py
 
@@ -63,10 +66,10 @@ def test_merge_equals_unmerged_and_unmerge_restores(runs, tp, variant):
     got = runs[tp][1]
     # merge wrote W + scaling * B @ A (from the full factors the test drew) into each rank's slice
     assert got[f"{variant}_merged_flags"] == [["default"], ["default"]] and got[f"{variant}_unmerged_flags"] == [[], []]
-    assert got[f"{variant}_merge_delta"] > 1e-2 and got[f"{variant}_merged_weights"] <= 1e-6
+    assert got[f"{variant}_merge_delta"] > 1e-2 and got[f"{variant}_merged_weights"] <= WEIGHTS_TOL
     assert got[f"{variant}_merged_vs_unmerged"] <= TOL
     assert got[f"{variant}_after_unmerge"] <= TOL
-    assert got[f"{variant}_unmerge_weights"] <= 1e-6
+    assert got[f"{variant}_unmerge_weights"] <= WEIGHTS_TOL  # measured 3e-8
     if variant == "parallel" or tp == "tp1":  # Megatron's own gather_output=True needs CUDA (mappings.py)
         assert got[f"{variant}_unloaded_vs_adapted"] <= TOL
     assert got[f"{variant}_unloaded"] == ["ColumnParallelLinear", "RowParallelLinear", variant == "parallel"]
@@ -82,7 +85,7 @@ def test_replicated_factors_identical_across_tp_ranks(runs):
 def test_state_dict_save_load(runs, tp):
     got = runs[tp][1]
     assert got["state_dict_vs_gathered"] == 0.0
-    assert got["loaded_vs_saved"] <= TOL and got["loaded_over_other_init"] <= TOL
+    assert got["loaded_vs_saved"] <= LOGITS_TOL and got["loaded_over_other_init"] <= LOGITS_TOL  # measured 0.0
 
 
 class PlainMLP(nn.Module):
@@ -113,13 +116,13 @@ def test_peft_directory_is_the_nn_linear_layout(runs):
     with torch.no_grad():
         diff = (theirs(io["x"]) - io["y"]).abs().max().item()
     print(f"peft on full weights vs TP 2 output: {diff:.2e}")
-    assert diff <= TOL
+    assert diff <= 7e-6  # measured 7.2e-7
 
 
 def test_tp2_and_tp1_give_the_same_adapter(runs):
     """Same seed, same full adapter init (exactly), and the same adapter after 3 SGD steps; TP 1
     also equals LoraLinear over plain nn.Linear layers injected from the same RNG state."""
-    for kind, tol in (("init", 0.0), ("trained", TOL)):
+    for kind, tol in (("init", 0.0), ("trained", 3e-7)):  # trained: measured 3e-8
         two = load_file(runs["tp2"][0] / f"{kind}_tp2.safetensors")
         one = load_file(runs["tp1"][0] / f"{kind}_tp1.safetensors")
         assert sorted(two) == sorted(one)
@@ -152,7 +155,7 @@ def test_consolidate_tp2_shards_equals_the_single_process_adapter(runs, tmp_path
     assert sorted(got) == sorted(single) == sorted(same_run)
     diff = max((got[k] - single[k]).abs().max().item() for k in single)
     print(f"consolidated TP=2 shards vs single-process adapter: {diff:.2e}")
-    assert diff <= TOL
+    assert diff <= 3e-7  # measured 3e-8
     assert max((got[k] - same_run[k]).abs().max().item() for k in got) == 0.0
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["r"] == R and sorted(config["target_modules"]) == ["fc1", "fc2"]
@@ -197,6 +200,7 @@ def test_unsupported_options_are_refused_by_name(runs, tp):
     if tp == "tp2":
         assert "sequence_parallel=True is not implemented" in got["sequence_parallel_error"]
         assert "LoRA over an expert ColumnParallelLinear (is_expert=True) is not implemented" in got["refused_expert"]
+        assert "save_megatron_shards with pipeline parallelism" in got["refused_pipeline"]
 
 
 def test_plain_models_do_not_import_megatron():

@@ -7,7 +7,7 @@ from torch import nn
 import dist_adapters as da
 from dist_adapters.layers.lora import LoraEmbedding, LoraLinear
 from dist_adapters.layers.modules_to_save import ModulesToSave
-from helpers import MODELS, expected_merged, logits, max_diff, merged_flags, randomize_trainable
+from helpers import LOGITS_TOL, MODELS, WEIGHTS_TOL, expected_merged, logits, max_diff, merged_flags, randomize_trainable
 
 CONFIGS = {
     "llama": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
@@ -34,14 +34,14 @@ def test_merge_keeps_logits_and_unmerge_restores_weights(arch):
     assert merged_flags(model) == ["['default']"]
     got = dict(model.named_parameters())
     assert max((target[n] - base_weights[n]).abs().max().item() for n in target) > 1e-2
-    assert max(max_diff(got[n], target[n]) for n in target) <= 1e-6
-    assert max_diff(logits(model), before) <= 1e-5
+    assert max(max_diff(got[n], target[n]) for n in target) <= WEIGHTS_TOL  # measured 0.0
+    assert max_diff(logits(model), before) <= LOGITS_TOL  # measured 1.8e-7 to 3.2e-7
     da.unmerge(model)
     assert merged_flags(model) == ["[]"]
     for n, p in model.named_parameters():
         if n in base_weights:
-            assert max_diff(p, base_weights[n]) <= 1e-6, n
-    assert max_diff(logits(model), before) <= 1e-5
+            assert max_diff(p, base_weights[n]) <= WEIGHTS_TOL, n  # measured 0 to 3e-8
+    assert max_diff(logits(model), before) <= LOGITS_TOL
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
@@ -52,14 +52,14 @@ def test_unload_merge_leaves_plain_modules_with_same_logits(arch):
     kinds = {type(m) for m in plain.modules()}
     assert not kinds & {LoraLinear, LoraEmbedding, ModulesToSave}
     assert not any(".lora_" in n or "base_layer" in n for n, _ in plain.named_parameters())
-    assert max_diff(logits(plain), before) <= 1e-5
+    assert max_diff(logits(plain), before) <= LOGITS_TOL  # measured 1.8e-7 to 3.2e-7
 
 
 def test_unload_without_merge_gives_the_base_model_back():
     base = logits(MODELS["llama"]())
     plain = da.unload(_adapted("llama"), merge=False)
     assert isinstance(plain.model.layers[0].self_attn.q_proj, nn.Linear)
-    assert max_diff(logits(plain), base) <= 1e-6
+    assert max_diff(logits(plain), base) == 0.0  # the base module itself, the same ops
 
 
 def test_disabled_runs_the_base_model_even_when_merged():
@@ -67,12 +67,12 @@ def test_disabled_runs_the_base_model_even_when_merged():
     base = logits(MODELS["llama"]())
     adapted = logits(model)
     with da.disabled(model):
-        assert max_diff(logits(model), base) <= 1e-6
-    assert max_diff(logits(model), adapted) <= 1e-6
+        assert max_diff(logits(model), base) == 0.0  # adapters skipped: the base's ops alone
+    assert max_diff(logits(model), adapted) == 0.0  # the same ops as before on the same weights
     da.merge(model)
     with da.disabled(model):  # unmerges on the way, as peft does
-        assert max_diff(logits(model), base) <= 1e-5
-    assert max_diff(logits(model), adapted) <= 1e-5
+        assert max_diff(logits(model), base) <= LOGITS_TOL  # measured 1.5e-7
+    assert max_diff(logits(model), adapted) <= LOGITS_TOL  # measured 1.8e-7
 
 
 def test_several_named_adapters_and_set_adapter():
@@ -91,7 +91,7 @@ def test_several_named_adapters_and_set_adapter():
     out_default = logits(model)
     assert max_diff(out_b, out_default) > 1e-3
     da.set_adapter(model, "b")
-    assert max_diff(logits(model), out_b) <= 1e-6
+    assert max_diff(logits(model), out_b) == 0.0  # the same ops on the same weights
     with pytest.raises(KeyError, match="no adapter named 'c'.*'b', 'default'"):
         da.set_adapter(model, "c")
 
@@ -111,6 +111,6 @@ def test_merge_of_bf16_base_stays_bf16():
     da.merge(model)
     assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.merged_adapters == ["default"]
     assert torch.equal(layer.base_layer.weight, target) and not torch.equal(target, w)
-    # bf16 rounding of the merged weights moves the logits (measured TODO); the adapter's own
-    # effect on them is larger (TODO), so the merged model is the adapted one, not the base
-    assert max_diff(logits(model).float(), before) <= 0.1
+    # bf16 rounding of the merged weights moves the logits by 2e-3 (measured), half the adapter's
+    # whole effect (3.9e-3): the logits cannot tell a merge from none here, the weights above can
+    assert max_diff(logits(model).float(), before) <= 0.02

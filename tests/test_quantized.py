@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 import dist_adapters as da
 from dist_adapters.layers.quantized import LoraQuantizedLinear, dequantized_weight, disable_cpu_repacking
 from dist_adapters.recipe.quantization import load_quantized
-from helpers import input_ids, randomize_trainable, tiny_llama
+from helpers import LOGITS_TOL, input_ids, randomize_trainable, tiny_llama
 from equivalence import assert_equivalent
 from recipe_helpers import ADAMW_TOL, DEMO, adapter_tensors, cli, config, probed_run, small
 from dist_adapters.recipe.train import train
@@ -48,7 +48,7 @@ def test_peft_reproduces_our_adapter_over_the_same_quantized_base(base_dir, tmp_
         a = ours.eval()(input_ids=input_ids()).logits
         b = theirs(input_ids=input_ids()).logits
         base = _quantized(base_dir, q).eval()(input_ids=input_ids()).logits
-    assert (a - b).abs().max().item() <= 1e-4
+    assert (a - b).abs().max().item() <= LOGITS_TOL  # measured 0.0
     assert (a - base).abs().max().item() > 1e-3  # the adapter does something
 
 
@@ -133,7 +133,7 @@ def test_qlora_recipe_lowers_loss_and_loads_in_peft(tmp_path):
     with torch.no_grad():
         diff = (theirs(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max().item()
     print(f"peft vs ours over the same nf4 base: {diff:.2e}")
-    assert diff <= 1e-4
+    assert diff <= LOGITS_TOL  # measured 0.0
     assert adapter_tensors(out)["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().max() > 0
 
 
@@ -154,10 +154,11 @@ def test_packed_4bit_weights_shard_under_each_engine(base_dir, tmp_path, engine)
     r = json.loads(result.read_text())
     print(engine, r)
     assert r["is_4bit"] and r["packed_dtype"] == "torch.float32"
-    assert 0.45 <= r["local_fraction"] <= 0.55  # each rank holds half of the packed weights
+    assert r["local_fraction"] == 0.5  # each rank holds half of the packed weights
     if engine == "fsdp1":
         assert r["packed_in_flat"]
-    assert r["logits"] <= 1e-5 and r["grad_keys_equal"] and r["grads"] <= 1e-5 and r["saved"] == 0.0
+    # measured: logits 0.0, gradients 0 to 3e-8 (of size ~1), the saved adapter bit for bit
+    assert r["logits"] <= LOGITS_TOL and r["grad_keys_equal"] and r["grads"] <= 3e-7 and r["saved"] == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +206,7 @@ def test_8bit_recipe_trains_and_loads_in_peft(tmp_path):
         diff = (theirs(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max().item()
         effect = (ours(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max().item()
     print(f"8-bit recipe: peft vs ours {diff:.2e}; adapter effect {effect:.2e}")
-    assert diff <= 1e-4 and effect > 1e-2
+    assert diff <= LOGITS_TOL and effect > 1e-2  # measured 0.0 and 6.3
 
 
 def test_quantization_errors_name_the_key(tmp_path):
@@ -216,4 +217,7 @@ def test_quantization_errors_name_the_key(tmp_path):
     _one_line_error(cli("train", DEMO, "--set", "model.quantization={bits: 4}", "parallel.strategy=tp",
                         "parallel.tp_size=2"),
                     "model.quantization with parallel.strategy 'tp' is not supported; QLoRA runs under: none, ddp")
+    for strategy in ("zero1", "zero2", "fsdp2_tp"):
+        _one_line_error(cli("train", DEMO, "--set", "model.quantization={bits: 4}", f"parallel.strategy={strategy}"),
+                        f"model.quantization with parallel.strategy '{strategy}' is not supported")
 

@@ -10,13 +10,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dist_adapters as da
+from helpers import LOGITS_TOL
 from dist_adapters.recipe.builtin import builtin_model, builtin_tokenizer
 from dist_adapters.recipe.data import global_batch_indices, micro_batches
 from dist_adapters.recipe.train import train
 from equivalence import assert_equivalent, metrics, transformers_loss
 from recipe_helpers import ADAMW_TOL, DEMO, SGD, SGD_TOL, adapter_tensors, cli, config, max_adapter_diff, small
 
-LOSS_TOL = 1e-5  # TODO measured
+LOSS_TOL = 1e-6  # relative; measured 7.8e-8 to 9.6e-8 (one forward of 8 rows vs micro batches of 2)
 
 
 def _probe_ids():
@@ -44,7 +45,7 @@ def test_demo_config_two_ranks_loss_falls_and_peft_reproduces(tmp_path):
     theirs = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
     ours = da.load_adapter(AutoModelForCausalLM.from_pretrained(str(out / "base_model")), str(out / "adapter")).eval()
     with torch.no_grad():
-        assert (theirs(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max() <= 1e-5
+        assert (theirs(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max() <= LOGITS_TOL
         assert (ours(input_ids=ids).logits - base_logits).abs().max() > 1e-2
 
 
@@ -55,7 +56,8 @@ def test_peft_reproduces_the_trained_in_memory_model(tmp_path):
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "base_model")),
                                        str(tmp_path / "run" / "adapter")).eval()
     with torch.no_grad():
-        assert (theirs(input_ids=ids).logits - trained(input_ids=ids).logits).abs().max() <= 1e-5
+        # measured 1.5e-6: the in-memory model ran in train mode through other kernels
+        assert (theirs(input_ids=ids).logits - trained(input_ids=ids).logits).abs().max() <= 1.5e-5
 
 
 def test_none_world1_equals_ddp_world2(tmp_path):

@@ -23,5 +23,7 @@ def test_save_adapter_gathers_only_the_adapter(tmp_path, engine):
     print(f"{engine}: frozen {r['frozen_bytes'] / MB:.1f} MB ({shard / MB:.1f} MB per rank), adapter "
           f"{r['adapter_bytes'] / MB:.2f} MB; peak growth while saving {r['save_growth'] / MB:.1f} MB, during the "
           f"engine's full gather {r['full_gather_growth'] / MB:.1f} MB")
-    assert r["full_gather_growth"] > 0.5 * shard  # the control: a gather of the frozen model shows
-    assert r["save_growth"] < r["adapter_bytes"] + 8 * MB  # TODO measured
+    assert r["full_gather_growth"] > 0.5 * shard  # the control: a gather shows (measured 236-250 MB)
+    # measured 1.4 to 2.1 MB (the 0.25 MB adapter, its gathered copy, the file buffer); a gather of
+    # the frozen model would add at least the other rank's half, 86.6 MB
+    assert r["save_growth"] < 20 * MB

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dist_adapters as da
 from dist_adapters.layers.tokens import TiedTokensHead, TrainableTokensLayer
-from helpers import logits, max_diff, randomize_trainable, tiny_llama, trainable_count
+from helpers import LOGITS_TOL, logits, max_diff, randomize_trainable, tiny_llama, trainable_count
 
 IDS = [3, 5, 7, 100]
 MODES = {
@@ -43,7 +43,7 @@ def test_interop_ours_to_peft(case, tmp_path):
     expected = logits(model)
     da.save_adapter(model, str(tmp_path))
     theirs = PeftModel.from_pretrained(make(), str(tmp_path))
-    assert max_diff(logits(theirs), expected) <= 1e-5
+    assert max_diff(logits(theirs), expected) <= LOGITS_TOL
     assert max_diff(expected, logits(make())) > 1e-3
     keys = list(da.adapter_state_dict(model))
     assert sum("trainable_tokens_delta" in k for k in keys) == 1  # a tied head is not saved twice
@@ -55,7 +55,7 @@ def test_interop_peft_to_ours(case, tmp_path):
     randomize_trainable(theirs, seed=5)
     theirs.save_pretrained(str(tmp_path))
     ours = da.load_adapter(make(), str(tmp_path))
-    assert max_diff(logits(ours), logits(theirs)) <= 1e-5
+    assert max_diff(logits(ours), logits(theirs)) <= LOGITS_TOL  # measured 0 to 3.6e-7
     assert isinstance(ours.lm_head, TiedTokensHead) == tie
 
 
@@ -82,7 +82,7 @@ def test_after_training_only_chosen_rows_of_the_merged_embedding_differ(tie):
         opt.zero_grad()
     before = logits(model)
     da.merge(model)
-    assert max_diff(logits(model), before) <= 1e-5
+    assert max_diff(logits(model), before) <= LOGITS_TOL  # measured 1.2e-7
     merged = model.model.embed_tokens.base_layer.weight
     changed = (merged != base_weight).any(dim=1).nonzero().flatten().tolist()
     assert changed == IDS
@@ -91,7 +91,7 @@ def test_after_training_only_chosen_rows_of_the_merged_embedding_differ(tie):
     da.unmerge(model)
     assert torch.equal(model.model.embed_tokens.base_layer.weight, base_weight)
     plain = da.unload(model, merge=True)
-    assert max_diff(logits(plain), before) <= 1e-5
+    assert max_diff(logits(plain), before) <= LOGITS_TOL
     assert (plain.lm_head.weight is plain.model.embed_tokens.weight) == tie
 
 
@@ -128,10 +128,10 @@ def test_tied_head_uses_the_same_rows_and_keeps_its_bias():
         hidden = torch.tanh(model.mix(model.embed(ids)))
         expected = hidden @ model.embed.base_layer.weight.T + model.head.base_layer.bias
         expected[..., [4, 9]] = hidden @ rows.T + model.head.base_layer.bias[[4, 9]]
-    assert max_diff(out, expected) <= 1e-6
+    assert max_diff(out, expected) <= 1e-6  # measured 0.0
     assert max_diff(model.embed(ids)[0, 1], rows[0]) == 0
     da.merge(model)
-    assert max_diff(model(ids), out) <= 1e-5
+    assert max_diff(model(ids), out) <= LOGITS_TOL  # measured 1.2e-7
     plain = da.unload(model)
     assert plain.head.weight is plain.embed.weight and plain.head.bias is not None
 

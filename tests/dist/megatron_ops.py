@@ -279,6 +279,13 @@ results["refused_disable_grad_reduce"] = refusal(lambda: One(disable_grad_reduce
 if world > 1:
     results["sequence_parallel_error"] = refusal(lambda: MLP(cfg=config(sequence_parallel=True)))
     results["refused_expert"] = refusal(lambda: One(is_expert=True))
+    parallel_state.destroy_model_parallel()  # last: the pipeline-parallel export refusal
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=world)
+    try:
+        save_megatron_shards(model, os.path.join(out_dir, "pipeline"))
+        results["refused_pipeline"] = None
+    except NotImplementedError as exc:
+        results["refused_pipeline"] = str(exc)
 
 if rank == 0:
     with open(result_file, "w") as fh:
