@@ -62,7 +62,8 @@ def failing_parts(report: dict) -> list[str]:
 
 def assert_equivalent(run, reference, adapter_tol: float, label: str = "") -> dict:
     report = equivalence_report(run, reference, adapter_tol)
-    print(f"{label}: " + ", ".join(f"{part} {measured:.2e} (tol {tol:.0e})" for part, (measured, tol) in report.items()))
+    parts = ", ".join(f"{part} {measured:.2e} (tol {tol:.0e})" for part, (measured, tol) in report.items())
+    print(f"{label}: {parts}")
     assert not failing_parts(report), (label, report)
     return report
 

@@ -123,7 +123,8 @@ def test_user_deepspeed_config_passes_through(tmp_path):
     assert (got["train_micro_batch_size_per_gpu"], got["gradient_accumulation_steps"], got["train_batch_size"]) == (4, 3, 24)
     assert got["gradient_clipping"] == 1.0
     # no clipping asked: 0.0 written out, since DeepSpeed's own default would clip at 1.0
-    assert zero_config({"deepspeed_config": None}, 2, {**train, "max_grad_norm": None}, 2, 1)["gradient_clipping"] == 0.0
+    unclipped = zero_config({"deepspeed_config": None}, 2, {**train, "max_grad_norm": None}, 2, 1)
+    assert unclipped["gradient_clipping"] == 0.0
     from dist_adapters.parallel.deepspeed import DEFAULT_CONFIGS
 
     for stage in (1, 2, 3):  # the shipped JSON files are the defaults the recipe uses

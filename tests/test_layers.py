@@ -13,7 +13,8 @@ from transformers.pytorch_utils import Conv1D
 
 import dist_adapters as da
 from dist_adapters.layers.lora import LoraEmbedding, LoraLinear
-from helpers import WEIGHTS_TOL, expected_merged, logits, max_diff, merged_flags, randomize_trainable, tiny_gpt2, tiny_llama
+from helpers import (WEIGHTS_TOL, expected_merged, logits, max_diff, merged_flags, randomize_trainable, tiny_gpt2,
+                     tiny_llama)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

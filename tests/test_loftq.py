@@ -133,7 +133,7 @@ def test_one_loftq_step_reaches_the_svd_optimum(bits, alpha):
     ours = da.inject(base, da.LoraConfig(r=8, lora_alpha=alpha, target_modules=["0"], init_lora_weights="loftq",
                                          loftq_config=da.LoftQConfig(bits, 1)))
     q = ours[0].base_layer.weight.detach()
-    assert torch.equal(q, lq.quantize_dequantize(w, bits))
+    assert torch.equal(q, lq.quantize_dequantize(w, bits))  # the same quantizer on the same weight
     optimal = (torch.linalg.svdvals(w - q)[8:] ** 2).sum().sqrt() / w.norm()
     got = rel(w, q + ours[0].delta_weight("default"))
     print(f"{bits}-bit, alpha {alpha}: LoftQ {got:.6f}, SVD optimum {optimal.item():.6f}, Q alone {rel(w, q):.6f}")

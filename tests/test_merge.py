@@ -7,7 +7,8 @@ from torch import nn
 import dist_adapters as da
 from dist_adapters.layers.lora import LoraEmbedding, LoraLinear
 from dist_adapters.layers.modules_to_save import ModulesToSave
-from helpers import LOGITS_TOL, MODELS, WEIGHTS_TOL, expected_merged, logits, max_diff, merged_flags, randomize_trainable
+from helpers import (LOGITS_TOL, MODELS, WEIGHTS_TOL, expected_merged, logits, max_diff, merged_flags,
+                     randomize_trainable)
 
 CONFIGS = {
     "llama": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
@@ -110,6 +111,7 @@ def test_merge_of_bf16_base_stays_bf16():
     before = logits(model).float()
     da.merge(model)
     assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.merged_adapters == ["default"]
+    # bitwise: merge runs exactly these ops on these values (same machine)
     assert torch.equal(layer.base_layer.weight, target) and not torch.equal(target, w)
     # bf16 rounding of the merged weights moves the logits by 2e-3 (measured), half the adapter's
     # whole effect (3.9e-3): the logits cannot tell a merge from none here, the weights above can

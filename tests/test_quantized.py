@@ -102,7 +102,7 @@ def test_merge_requantizes_and_unmerge_restores_within_rounding(base_dir, q):
         da.merge(model)
     merged = dequantized_weight(layer.base_layer)
     assert layer.merged_adapters == ["default"]
-    assert torch.equal(merged, _quantize_dequantize(layer.base_layer, target))
+    assert torch.equal(merged, _quantize_dequantize(layer.base_layer, target))  # the same bnb ops, same values
     rel = ((merged - target).norm() / target.norm()).item()
     print(f"{q['bits']}-bit: merged vs W + delta {rel:.3f} (delta {(delta.norm() / before.norm()).item():.3f})")
     with pytest.warns(UserWarning, match="original codes"):
