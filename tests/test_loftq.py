@@ -89,7 +89,7 @@ def test_loftq_lowers_error_more_with_iterations(r, alpha, svd):
     assert errors[5] < 0.9 * e0, (e0, errors)
     if svd == "randomized":  # the block Krylov range finder reaches the exact SVD's error
         q, a, b = lq.loftq_factors(w, r, 4, 5, scaling=s, svd="exact")
-        assert errors[5] < rel(w, q + s * b @ a) * 1.002
+        assert errors[5] < rel(w, q + s * b @ a) * 1.0002  # measured 1.000011
 
 
 @pytest.mark.parametrize("alpha", [8, 32])
@@ -116,7 +116,7 @@ def test_peft_loftq_ignores_scaling_ours_does_not(monkeypatch, alpha):
     assert e_ours < e0
     if alpha == 8:
         assert e_ours == pytest.approx(e_peft, rel=1e-6)  # measured 8.7e-8
-        assert (ours[0].base_layer.weight - layer.base_layer.weight).abs().max() <= 1e-6  # the same Q
+        assert (ours[0].base_layer.weight - layer.base_layer.weight).abs().max() <= 1e-7  # the same Q; measured 7.5e-9
     else:
         assert e_peft > e0 > e_ours, (e_peft, e0, e_ours)
 
@@ -137,7 +137,7 @@ def test_one_loftq_step_reaches_the_svd_optimum(bits, alpha):
     optimal = (torch.linalg.svdvals(w - q)[8:] ** 2).sum().sqrt() / w.norm()
     got = rel(w, q + ours[0].delta_weight("default"))
     print(f"{bits}-bit, alpha {alpha}: LoftQ {got:.6f}, SVD optimum {optimal.item():.6f}, Q alone {rel(w, q):.6f}")
-    assert got == pytest.approx(optimal.item(), rel=1e-4) and got < rel(w, q)
+    assert got == pytest.approx(optimal.item(), rel=4e-6) and got < rel(w, q)  # measured 8e-8 to 3.5e-7
 
 
 # ----------------------------------------------------------------------------- inject

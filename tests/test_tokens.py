@@ -37,8 +37,8 @@ def test_interop_ours_to_peft(case, tmp_path):
     model = da.inject(make(), ours_cfg())
     # init_weights=True: a no-op. Untied heads run the same ops (bitwise); a tied head recomputes
     # the chosen tokens' logits with its own F.linear, which rounds differently on some CPUs
-    # (measured: 0 on Intel, ~1e-7 on AMD EPYC)
-    assert max_diff(logits(model), logits(make())) <= (1e-6 if tie else 0.0)
+    # (measured: 0 on Intel, 3e-8 on AMD EPYC)
+    assert max_diff(logits(model), logits(make())) <= (3e-7 if tie else 0.0)
     randomize_trainable(model)
     expected = logits(model)
     da.save_adapter(model, str(tmp_path))
