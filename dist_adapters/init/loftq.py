@@ -87,8 +87,9 @@ def quantize_dequantize(w: torch.Tensor, bits: int = 4, quantizer: str = "torch"
         except ImportError as exc:
             raise LoftQInputError("quantizer='bnb' needs bitsandbytes (pip install dist_adapters[quant])") from exc
         if w.device.type == "cpu" and w.shape[-1] % block_size:
-            # bitsandbytes 0.50's CPU nf4 kernels misplace blocks that cross a row: a [64, 32] weight
-            # comes back with relative error 0.27 instead of nf4's 0.09 (docs/field-notes.md)
+            # bitsandbytes 0.50's CPU nf4 kernels mis-quantize rows whose length is not a multiple of the
+            # block size: a [64, 32] weight comes back with relative error 0.27, not nf4's 0.09
+            # (docs/field-notes.md)
             raise LoftQInputError(f"quantizer='bnb' on CPU needs rows whose length is a multiple of {block_size}, got "
                                   f"a weight of shape {tuple(w.shape)}; use quantizer='torch' (the same nf4 grid)")
         packed, state = bnbf.quantize_4bit(w.float().contiguous(), blocksize=block_size, compress_statistics=False,
