@@ -83,3 +83,20 @@ def merged_flags(model) -> list[str]:
     """The distinct ``merged_adapters`` lists of the model's LoRA and trainable-token layers."""
     kinds = ("lora_A", "lora_embedding_A", "trainable_tokens_delta")
     return sorted({str(m.merged_adapters) for m in model.modules() if any(hasattr(m, k) for k in kinds)})
+
+
+def leave_process_group() -> None:
+    """The end of a tests/dist script: every rank leaves together, then the process exits at once.
+    Interpreter finalization can destroy a gloo process group still referenced elsewhere (a device
+    mesh) while its worker threads run, and abort a script that finished its work ("terminate
+    called without an active exception", exit -6; seen once in about a hundred launches here)."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -12,7 +12,8 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dist_adapters as da  # noqa: E402
 from dist_adapters.parallel import fsdp  # noqa: E402
-from helpers import expected_merged, input_ids, merged_flags, randomize_trainable, tiny_llama  # noqa: E402
+from helpers import (expected_merged, input_ids, leave_process_group, merged_flags,  # noqa: E402
+                     randomize_trainable, tiny_llama)
 
 engine, out_dir, result_file = sys.argv[1], sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo")
@@ -110,5 +111,4 @@ if engine == "fsdp1_orig":  # FSDP1 keeps biases in frozen flat parameters: bias
 if rank == 0:
     with open(result_file, "w") as fh:
         json.dump(results, fh)
-dist.barrier()
-dist.destroy_process_group()
+leave_process_group()

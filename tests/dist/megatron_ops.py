@@ -26,6 +26,9 @@ from safetensors.torch import save_file  # noqa: E402
 import dist_adapters as da  # noqa: E402
 from dist_adapters.checkpoint.megatron_shards import read_megatron_shards, save_megatron_shards  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from helpers import leave_process_group  # noqa: E402
+
 H, FFN, R, ALPHA = 16, 32, 4, 8
 out_dir, result_file = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -290,5 +293,4 @@ if world > 1:
 if rank == 0:
     with open(result_file, "w") as fh:
         json.dump(results, fh, indent=1)
-dist.barrier()
-dist.destroy_process_group()
+leave_process_group()

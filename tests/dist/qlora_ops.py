@@ -16,7 +16,7 @@ import torch.distributed as dist  # noqa: E402
 
 import dist_adapters as da  # noqa: E402
 from dist_adapters.recipe.quantization import KEYS, load_quantized  # noqa: E402
-from helpers import input_ids, randomize_trainable  # noqa: E402
+from helpers import input_ids, leave_process_group, randomize_trainable  # noqa: E402
 
 engine, base_dir, result_file = sys.argv[1], sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo")
@@ -108,5 +108,4 @@ if rank == 0:
     results["is_4bit"] = isinstance(plain.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
     with open(result_file, "w") as fh:
         json.dump(results, fh, indent=1)
-dist.barrier()
-dist.destroy_process_group()
+leave_process_group()

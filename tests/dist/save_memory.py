@@ -24,6 +24,7 @@ import torch.distributed as dist  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import dist_adapters as da  # noqa: E402
+from helpers import leave_process_group  # noqa: E402
 
 engine, result_file = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -93,5 +94,4 @@ results = {"frozen_bytes": frozen, "adapter_bytes": adapter, "rss_after_sharding
 if rank == 0:
     with open(result_file, "w", encoding="utf-8") as fh:
         json.dump(results, fh)
-dist.barrier()
-dist.destroy_process_group()
+leave_process_group()

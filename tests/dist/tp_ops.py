@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dist_adapters as da  # noqa: E402
 from dist_adapters.parallel import tensor  # noqa: E402
 from dist_adapters.parallel.state import is_dtensor, read_full  # noqa: E402
-from helpers import expected_merged, input_ids, merged_flags, randomize_trainable, tiny_llama  # noqa: E402
+from helpers import (expected_merged, input_ids, leave_process_group, merged_flags,  # noqa: E402
+                     randomize_trainable, tiny_llama)
 
 out_dir, result_file = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -139,5 +140,4 @@ for what, config in (("modules_to_save", da.LoraConfig(r=4, target_modules=["q_p
 if rank == 0:
     with open(result_file, "w") as fh:
         json.dump(results, fh, indent=1)
-dist.barrier()
-dist.destroy_process_group()
+leave_process_group()

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from helpers import input_ids  # noqa: E402
+from helpers import input_ids, leave_process_group  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("kind", choices=["zero", "dcp", "accelerate", "fsdp1-dcp", "fsdp1-ranks", "fsdp1-local"])
@@ -136,5 +136,4 @@ if rank == 0:
     torch.save(logits, os.path.join(args.out, "logits.pt"))
     with open(os.path.join(args.out, "adapter_config.json"), "w", encoding="utf-8") as fh:
         json.dump(peft_config, fh, indent=2, default=list)
-dist.barrier()
-dist.destroy_process_group()
+leave_process_group()

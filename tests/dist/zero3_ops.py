@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 import dist_adapters as da  # noqa: E402
-from helpers import input_ids  # noqa: E402
+from helpers import input_ids, leave_process_group  # noqa: E402
 
 out_dir, result_file = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -99,5 +99,4 @@ results["unloaded_has_lora"] = any("lora_" in n for n, _ in engine.module.named_
 if rank == 0:
     with open(result_file, "w") as fh:
         json.dump(results, fh)
-dist.barrier()
-dist.destroy_process_group()
+leave_process_group()
