@@ -56,8 +56,8 @@ def test_peft_reproduces_the_trained_in_memory_model(tmp_path):
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "base_model")),
                                        str(tmp_path / "run" / "adapter")).eval()
     with torch.no_grad():
-        # measured 1.5e-6: the in-memory model ran in train mode through other kernels
-        assert (theirs(input_ids=ids).logits - trained(input_ids=ids).logits).abs().max() <= 1.5e-5
+        # measured 1.5e-6: the in-memory model went through training and other kernels
+        assert (theirs(input_ids=ids).logits - trained(input_ids=ids).logits).abs().max() <= 1e-5
 
 
 def test_none_world1_equals_ddp_world2(tmp_path):
