@@ -31,6 +31,13 @@ def small(out, **over) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def train_run(out, **over):
+    """`dist-adapters train` of the demo config with small(out, **over); asserts it succeeded."""
+    res = cli("train", DEMO, "--set", *small(out, **over))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
 def config(out, **over) -> dict:
     return load_recipe(DEMO, small(out, **over))
 

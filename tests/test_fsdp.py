@@ -13,8 +13,8 @@ from peft import PeftModel
 import dist_adapters as da
 from helpers import LOGITS_TOL, WEIGHTS_TOL, input_ids, randomize_trainable, tiny_llama
 from equivalence import assert_equivalent
-from recipe_helpers import (ADAMW_TOL, DEMO, ROOT, SGD, SGD_TOL, assert_peft_reproduces, cli, max_adapter_diff,
-                            probed_run, small)
+from recipe_helpers import (ADAMW_TOL, ROOT, SGD, SGD_TOL, assert_peft_reproduces, max_adapter_diff, probed_run,
+                            train_run)
 
 RESUME_TOL = 3e-6  # measured 0.0 (2 -> 1 and 1 -> 2 ranks); 2.8e-7 under tp (test_tp.py)
 
@@ -22,10 +22,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def _run(out, strategy, nproc=2, **over):
-    res = cli("train", DEMO, "--set", *small(out, **{"parallel.strategy": strategy, "launch.nproc_per_node": nproc,
-                                                     **over}))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+    return train_run(out, **{"parallel.strategy": strategy, "launch.nproc_per_node": nproc, **over})
 
 
 @pytest.fixture(scope="module")

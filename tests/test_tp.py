@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 import dist_adapters as da
 from helpers import LOGITS_TOL, WEIGHTS_TOL, input_ids
 from equivalence import assert_equivalent
-from recipe_helpers import (DEMO, ROOT, SGD, SGD_TOL, adapter_tensors, assert_peft_reproduces, cli, max_adapter_diff,
-                            small)
+from recipe_helpers import (ROOT, SGD, SGD_TOL, adapter_tensors, assert_peft_reproduces, max_adapter_diff,
+                            train_run)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 # Adam divides by sqrt(v): rounding differences of ~1e-7 in the gradients of a tensor-parallel
@@ -26,15 +26,9 @@ RECIPE_TOL = 1.5e-4
 RESUME_TOL = 3e-6  # measured 0.0 at the same world size, 2.8e-7 from tp 2 to tp 1
 
 
-def _train(out, **over):
-    res = cli("train", DEMO, "--set", *small(out, **over))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
-
-
 @pytest.fixture(scope="module")
 def tp_run(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("tp"), **{"parallel.strategy": "tp", "parallel.tp_size": 2,
+    return train_run(tmp_path_factory.mktemp("tp"), **{"parallel.strategy": "tp", "parallel.tp_size": 2,
                                                     "launch.nproc_per_node": 2})
 
 
@@ -83,7 +77,7 @@ def test_recipe_tp_equals_single_process(single_run, tp_run):
 
 @pytest.mark.parametrize("tp_size", [2, 1], ids=["mesh-dp1-tp2", "mesh-dp2-tp1"])
 def test_recipe_fsdp2_tp_equals_single_process(single_run, tmp_path, tp_size):
-    out = _train(tmp_path / "run", **{"parallel.strategy": "fsdp2_tp", "parallel.tp_size": tp_size,
+    out = train_run(tmp_path / "run", **{"parallel.strategy": "fsdp2_tp", "parallel.tp_size": tp_size,
                                       "launch.nproc_per_node": 2})
     assert_equivalent(out, single_run, RECIPE_TOL, f"fsdp2_tp (dp={2 // tp_size}, tp={tp_size}) vs none@1, AdamW")
 
@@ -92,7 +86,7 @@ def test_recipe_fsdp2_tp_equals_single_process(single_run, tmp_path, tp_size):
 def test_recipe_tp_with_sgd_equals_single_process(single_sgd_run, tmp_path, strategy):
     """Plain SGD: a tensor-parallel rank that counted the shared samples twice (a dropped
     "/ copies") would move the adapter half as far."""
-    out = _train(tmp_path / "run", **SGD, **{"parallel.strategy": strategy, "parallel.tp_size": 2,
+    out = train_run(tmp_path / "run", **SGD, **{"parallel.strategy": strategy, "parallel.tp_size": 2,
                                              "launch.nproc_per_node": 2})
     assert_equivalent(out, single_sgd_run, SGD_TOL, f"{strategy} (tp=2) vs none@1, SGD")
 
@@ -100,7 +94,7 @@ def test_recipe_tp_with_sgd_equals_single_process(single_sgd_run, tmp_path, stra
 @pytest.fixture(scope="module")
 def mesh_2x2_run(tmp_path_factory):
     # 4 ranks on 2 cores (slow, but the only way to get a mesh with both dimensions > 1 here)
-    return _train(tmp_path_factory.mktemp("mesh2x2"), **{"parallel.strategy": "fsdp2_tp", "parallel.tp_size": 2,
+    return train_run(tmp_path_factory.mktemp("mesh2x2"), **{"parallel.strategy": "fsdp2_tp", "parallel.tp_size": 2,
                                                         "launch.nproc_per_node": 4, "train.micro_batch_size": 2})
 
 
@@ -140,7 +134,7 @@ def test_tp_checkpoint_resumes(tp_run, mesh_2x2_run, tmp_path, case):
                         "tp2-to-tp1": (tp_run, 1, {"parallel.strategy": "tp", "parallel.tp_size": 1}),
                         "2x2-to-dp1xtp2": (mesh_2x2_run, 2, {"parallel.strategy": "fsdp2_tp", "parallel.tp_size": 2,
                                                              "train.micro_batch_size": 2})}[case]
-    out = _train(tmp_path / "resumed", **over, **{"launch.nproc_per_node": nproc,
+    out = train_run(tmp_path / "resumed", **over, **{"launch.nproc_per_node": nproc,
                                                   "train.resume_from": str(run / "checkpoints" / "step_2")})
     diff = max_adapter_diff(run, out)
     print(f"max |adapter diff| {case} resumed at step 2 vs uninterrupted: {diff:.2e}")
