@@ -11,23 +11,14 @@ from typing import Iterator
 
 from torch import nn
 
-from .layers.lora import AdapterLayer
-from .layers.modules_to_save import ModulesToSave
-from .layers.tokens import TiedTokensHead
-
-ADAPTER_LAYER_TYPES: tuple[type, ...] = (AdapterLayer, ModulesToSave, TiedTokensHead)
-
-# Engine wrappers that hold the real model in `.module` and add nothing to its names.
-_WRAPPER_NAMES = {"DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "PipelineEngine",
-                  "FullyShardedDataParallel"}
+from .layers.registry import ADAPTER_LAYER_TYPES
+from .names import WRAPPER_CLASSES
 
 
-def unwrap(model: nn.Module, keep_fsdp_root: bool = False) -> nn.Module:
-    """The user's model inside DDP / DeepSpeedEngine / FSDP1 wrappers. ``keep_fsdp_root``: stop
-    at an FSDP1 root, which the engine's gathers need (its units own the sharded storage)."""
-    while type(model).__name__ in _WRAPPER_NAMES and isinstance(getattr(model, "module", None), nn.Module):
-        if keep_fsdp_root and type(model).__name__ == "FullyShardedDataParallel":
-            break
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside engine wrappers that hold it in ``.module`` (``names.WRAPPER_CLASSES``).
+    Engines that need their wrapper for a gather find it themselves (``parallel/access.py``)."""
+    while type(model).__name__ in WRAPPER_CLASSES and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model
 
@@ -49,10 +40,6 @@ def get_config(model: nn.Module, adapter_name: str = "default"):
         known = sorted(configs) or "none; call da.inject or da.load_adapter first"
         raise KeyError(f"no adapter named {adapter_name!r} on this model (adapters: {known})")
     return configs[adapter_name]
-
-
-def active_adapter(model: nn.Module) -> str | None:
-    return unwrap(model).__dict__.get("_da_active")
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:

@@ -11,29 +11,31 @@ Matching follows peft exactly (so the same config adapts the same modules):
 Unlike peft, an entry of ``target_modules`` that matches no module name at all is an error naming
 the entry: a typo would otherwise train fewer layers than asked for, silently.
 
-Which adapter layer wraps which base type is a dispatch table keyed by class (most specific class
-in the MRO wins); quantized and tensor-parallel bases register there instead of editing this file.
+Which adapter layer wraps which base type is the dispatch table of ``layers/registry.py`` (most
+specific class in the MRO wins); quantized and Megatron bases register there instead of editing
+this file. Where an engine already holds the base partitioned (ZeRO-3's ``zero.Init``), the real
+shapes and the rows trainable tokens start from come through the engine access
+(``parallel/access.py``), never from the layers.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-import warnings
-from typing import Callable, Optional
+from typing import Optional
 
+import torch
 from torch import nn
 
 from .config import LoraConfig, TrainableTokensConfig, get_pattern_key
-from .control import adapter_configs, adapter_layers, unwrap, ADAPTER_LAYER_TYPES
+from .control import adapter_configs, adapter_layers, unwrap
+from .init.loftq import apply_loftq
+from .layers import optional, registry
 from .layers.lora import LoraEmbedding, LoraLinear
 from .layers.modules_to_save import ModulesToSave
+from .layers.registry import ADAPTER_LAYER_TYPES
 from .layers.tokens import TiedTokensHead, TrainableTokensLayer
-
-# base class -> factory(base_module, config) returning an adapter layer with .add_adapter(...)
-LoraFactory = Callable[[nn.Module, LoraConfig], nn.Module]
-_LORA_DISPATCH: dict[type, LoraFactory] = {}
-_LINEAR_KINDS: set[type] = set()
+from .parallel import access
 
 # peft's defaults for target_modules=None, for the architectures tests and users meet most.
 DEFAULT_TARGETS = {
@@ -43,56 +45,6 @@ DEFAULT_TARGETS = {
     "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"], "bloom": ["query_key_value"],
     "phi": ["q_proj", "v_proj", "fc1", "fc2"], "gptj": ["q_proj", "v_proj"],
 }
-
-
-def register_lora_layer(base_type: type, factory: LoraFactory, linear: bool = False) -> None:
-    """Map ``base_type`` (and its subclasses, unless more specific ones are registered) to an
-    adapter layer. ``linear=True`` makes the type part of ``"all-linear"``."""
-    _LORA_DISPATCH[base_type] = factory
-    if linear:
-        _LINEAR_KINDS.add(base_type)
-
-
-def _register_optional_layers(model: nn.Module) -> None:
-    """Megatron-core and bitsandbytes layers register themselves on import of layers/parallel.py
-    and layers/quantized.py, which import those packages: only done when the model holds one of
-    their modules (before "all-linear" is expanded)."""
-    kinds = {type(m).__module__.split(".")[0] for m in model.modules()}
-    if "megatron" in kinds:
-        from .layers import parallel  # noqa: F401
-    if "bitsandbytes" in kinds:
-        from .layers import quantized  # noqa: F401
-
-
-def _factory_for(module: nn.Module) -> Optional[LoraFactory]:
-    for cls in type(module).__mro__:
-        if cls in _LORA_DISPATCH:
-            return _LORA_DISPATCH[cls]
-    return None
-
-
-def _linear_factory(module: nn.Module, config: LoraConfig) -> nn.Module:
-    if config.fan_in_fan_out:
-        warnings.warn("fan_in_fan_out=True but the target is nn.Linear: using fan_in_fan_out=False")
-        config.fan_in_fan_out = False
-    return LoraLinear(module, fan_in_fan_out=False)
-
-
-def _conv1d_factory(module: nn.Module, config: LoraConfig) -> nn.Module:
-    if not config.fan_in_fan_out:
-        warnings.warn("target is transformers Conv1D (weight [in, out]): using fan_in_fan_out=True")
-        config.fan_in_fan_out = True
-    return LoraLinear(module, fan_in_fan_out=True)
-
-
-register_lora_layer(nn.Linear, _linear_factory, linear=True)
-register_lora_layer(nn.Embedding, lambda module, config: LoraEmbedding(module))
-try:  # transformers is a core dependency; guard anyway so a broken install names the cause
-    from transformers.pytorch_utils import Conv1D
-
-    register_lora_layer(Conv1D, _conv1d_factory, linear=True)
-except ImportError:  # pragma: no cover
-    pass
 
 
 # ----------------------------------------------------------------------------- matching
@@ -167,7 +119,7 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig, names: list[str
         config.target_modules = list(DEFAULT_TARGETS[model_type])
     if config.target_modules == "all-linear":
         head = _output_head_name(model)
-        kinds = tuple(_LINEAR_KINDS)
+        kinds = registry.linear_kinds()
         config.target_modules = sorted(
             n for n, m in model.named_modules() if n and n != head and isinstance(m, kinds)
         )
@@ -204,7 +156,7 @@ def _candidate_names(model: nn.Module) -> list[str]:
 
 
 def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> int:
-    _register_optional_layers(model)
+    optional.load_for(model)
     names = _candidate_names(model)
     resolve_target_modules(model, config, names)
     adapted = 0
@@ -215,14 +167,14 @@ def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> int
         if isinstance(module, ADAPTER_LAYER_TYPES):
             layer = module  # a second adapter on an already adapted layer
         else:
-            factory = _factory_for(module)
+            factory = registry.factory_for(module)
             if factory is None:
-                supported = ", ".join(sorted(c.__name__ for c in _LORA_DISPATCH))
                 raise ValueError(
                     f"target module {name!r} is a {type(module).__name__}, which LoRA does not support "
-                    f"(supported: {supported}); narrow target_modules"
+                    f"(supported: {registry.supported_names()}); narrow target_modules"
                 )
-            layer = factory(module, config)
+            weight = getattr(module, "weight", None)
+            layer = factory(module, config, None if weight is None else tuple(access.full_shape(weight)))
             _replace(model, name, layer)
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern, name), config.r)
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern, name), config.lora_alpha)
@@ -299,13 +251,22 @@ def inject_tokens(model: nn.Module, targets: dict, adapter_name: str, init_weigh
             if not isinstance(module, nn.Embedding):
                 raise ValueError(f"{where}: the module is a {type(module).__name__}; trainable tokens need "
                                  "an nn.Embedding")
-            module = TrainableTokensLayer(module)
+            module = TrainableTokensLayer(module, shape=tuple(access.full_shape(module.weight)))
             _replace(model, name, module)
         module.check_indices(adapter_name, indices, where)
-        module.add_adapter(adapter_name, indices, init_weights=init_weights)
+        module.add_adapter(adapter_name, indices, init_weights=init_weights,
+                           original=_embedding_rows(module.base_layer, indices, model))
         if head is not None and not isinstance(head, TiedTokensHead) and \
                 getattr(head, "weight", None) is module.base_layer.weight:
             _replace(model, head_name, TiedTokensHead(head, module))
+
+
+@torch.no_grad()
+def _embedding_rows(embedding: nn.Module, indices: list[int], model: nn.Module) -> torch.Tensor:
+    """Rows ``indices`` of the embedding weight, gathered where an engine holds it partitioned."""
+    with access.full_weights(embedding, model):
+        weight = embedding.weight
+        return weight[torch.tensor(indices, device=weight.device)].detach().clone()
 
 
 def _mark_trainable(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
@@ -346,9 +307,7 @@ def inject(model: nn.Module, config, adapter_name: str = "default") -> nn.Module
     else:
         _inject_lora(inner, config, adapter_name)
         if config.init_lora_weights == "loftq":  # base weights become Q, factors LoftQ's (init/loftq.py)
-            from .init.loftq import apply_loftq
-
-            apply_loftq(inner, config, adapter_name, root=unwrap(model, keep_fsdp_root=True))
+            apply_loftq(inner, config, adapter_name, wrapper=model)
         if config.modules_to_save:
             _inject_modules_to_save(inner, list(config.modules_to_save), adapter_name)
         if config.trainable_token_indices is not None:

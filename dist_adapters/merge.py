@@ -1,10 +1,10 @@
 """Fold adapters into base weights and back: ``da.merge``, ``da.unmerge``, ``da.unload``.
 
-Every read or write of a full base weight goes through ``parallel.gather.full_weights`` (shard
-rule 3), so the same calls work once an engine registers its gather. Deltas are computed in fp32
-and added in the base weight's dtype; unmerge subtracts the same fp32 delta, which restores an
-fp32 base to rounding (a bf16 base loses the low bits of the sum: merge such a model for export,
-not to keep training).
+Every read or write of a full base weight goes through the engine access's gather context,
+``parallel.access.full_weights`` (rule 3 of docs/architecture.md), so the same calls work under
+every engine. Deltas are computed in fp32 and added in the base weight's dtype; unmerge subtracts
+the same fp32 delta, which restores an fp32 base to rounding (a bf16 base loses the low bits of
+the sum: merge such a model for export, not to keep training).
 """
 
 from __future__ import annotations
@@ -14,23 +14,21 @@ from typing import Optional
 from torch import nn
 
 from .control import adapter_configs, adapter_layers, unwrap
-from .parallel.gather import full_weights
+from .parallel.access import full_weights
 
 
 def merge(model: nn.Module, adapter_names: Optional[list[str]] = None) -> nn.Module:
     """Add the active adapters (or ``adapter_names``) into the base weights; forward then skips them."""
-    root = unwrap(model, keep_fsdp_root=True)
     for _, layer in adapter_layers(model):
-        with full_weights(layer, root):
+        with full_weights(layer, model):
             layer.merge(adapter_names)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtract every merged adapter from the base weights."""
-    root = unwrap(model, keep_fsdp_root=True)
     for _, layer in adapter_layers(model):
-        with full_weights(layer, root):
+        with full_weights(layer, model):
             layer.unmerge()
     return model
 
@@ -42,9 +40,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     ``merge=False``: the original base modules come back unchanged.
     Returns the unwrapped model (the same object, modified in place).
     """
-    inner, root = unwrap(model), unwrap(model, keep_fsdp_root=True)
+    inner = unwrap(model)
     for name, layer in list(adapter_layers(inner)):
-        with full_weights(layer, root):
+        with full_weights(layer, model):
             plain = layer.unloaded(merge)
         parent_name, _, child = name.rpartition(".")
         setattr(inner.get_submodule(parent_name) if parent_name else inner, child, plain)

@@ -113,17 +113,18 @@ def test_hf_trainer_with_accelerate_deepspeed_config(tmp_path):
 
 def test_user_deepspeed_config_passes_through(tmp_path):
     from dist_adapters.parallel.deepspeed import zero_config
+    from dist_adapters.parallel.engine import EngineConfig
 
     user = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}, "steps_per_print": 7}
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
-    train = {"micro_batch_size": 4, "max_grad_norm": 1.0}
-    got = zero_config({"deepspeed_config": str(path)}, 3, train, world_size=2, accumulation=3)
+    config = EngineConfig(micro_batch_size=4, accumulation=3, max_grad_norm=1.0, deepspeed_config=str(path))
+    got = zero_config(config, 3, world_size=2)
     assert got["zero_optimization"]["offload_optimizer"] == {"device": "cpu"} and got["steps_per_print"] == 7
     assert (got["train_micro_batch_size_per_gpu"], got["gradient_accumulation_steps"], got["train_batch_size"]) == (4, 3, 24)
     assert got["gradient_clipping"] == 1.0
     # no clipping asked: 0.0 written out, since DeepSpeed's own default would clip at 1.0
-    unclipped = zero_config({"deepspeed_config": None}, 2, {**train, "max_grad_norm": None}, 2, 1)
+    unclipped = zero_config(EngineConfig(micro_batch_size=4, accumulation=1, max_grad_norm=None), 2, 2)
     assert unclipped["gradient_clipping"] == 0.0
     from dist_adapters.parallel.deepspeed import DEFAULT_CONFIGS
 

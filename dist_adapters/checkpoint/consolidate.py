@@ -32,8 +32,8 @@ import numpy as np
 from ..config import CONFIG_NAME, LoraConfig, TrainableTokensConfig, config_from_dict, get_pattern_key, load_config
 from .allow_list import CheckpointError
 from .atomic import atomic_path
-from .keys import AdapterKeys, module_of
-from .peft_names import PREFIX, WEIGHTS_NAME
+from ..names import PREFIX, WEIGHTS_NAME, module_of
+from .keys import AdapterKeys
 from .rank_files_reader import RankFilesCheckpoint, find_rank_files
 from .zero_reader import ZeroCheckpoint, is_zero_dir
 

@@ -1,69 +1,11 @@
-"""Parameter names as engines and libraries write them -> peft's adapter keys.
-
-A checkpoint written by any engine names a LoRA factor in one of these ways (and combinations):
-
-    model.layers.0.q_proj.lora_A.default.weight                          dist_adapters
-    base_model.model.model.layers.0.q_proj.lora_A.default.weight         peft
-    _fsdp_wrapped_module.model.layers.0._fsdp_wrapped_module.q_proj...   FSDP1 with use_orig_params
-    _checkpoint_wrapped_module. / _orig_mod. (torch.compile) / module.   wrappers
-    model.base_model.model....                                           accelerate's DCP layout ("model" outer key)
-
-``normalise`` strips the wrappers; ``ours`` rewrites peft's in-memory spellings into ours
-(peft's ParameterDict entries have no ``.weight``; its trainable tokens sit under
-``token_adapter``) and finds the adapter name. The mapping to file keys is then
-``peft_names.to_peft_key``, the one save / load use.
-"""
+"""Which tensors of a checkpoint are one adapter's, under peft's keys (``AdapterKeys``). The name
+rules themselves are in ``dist_adapters/names.py``."""
 
 from __future__ import annotations
 
-import re
 from typing import Optional
 
-from .peft_names import PREFIX, to_peft_key
-
-WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-_SPELLINGS = [  # peft's in-memory names -> ours
-    (re.compile(r"^(.+)\.(lora_embedding_[AB])\.([^.]+)$"), r"\1.\2.\3.weight"),
-    (re.compile(r"^(.+?)(?:\.token_adapter)?\.trainable_tokens_delta\.([^.]+)(?:\.weight)?$"),
-     r"\1.trainable_tokens_delta.\2.weight"),
-]
-_ADAPTER = re.compile(r"\.(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B|trainable_tokens_delta|modules_to_save)"
-                      r"\.([^.]+)\.")
-
-
-def normalise(name: str, outer_prefix: str = "") -> str:
-    """Drop an outer prefix (accelerate's ``model.``), wrapper infixes, a leading DDP
-    ``module.`` and peft's ``base_model.model.``."""
-    if outer_prefix and name.startswith(outer_prefix):
-        name = name[len(outer_prefix):]
-    for wrapper in WRAPPERS:
-        name = name.replace(wrapper, "")
-    if name.startswith("module."):
-        name = name[len("module."):]
-    if name.startswith(PREFIX):
-        name = name[len(PREFIX):]
-    return name
-
-
-def ours(name: str) -> Optional[tuple[str, str]]:
-    """(our parameter name, adapter name) for an adapter tensor's cleaned name, else None."""
-    for pattern, replacement in _SPELLINGS:
-        name = pattern.sub(replacement, name)
-    found = _ADAPTER.findall(name)
-    if not found or to_peft_key(name, found[-1]) is None:
-        return None
-    return name, found[-1]
-
-
-def module_of(key: str) -> str:
-    """``base_model.model.<m>.lora_A.weight`` -> ``<m>`` (for LoRA and token keys)."""
-    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    for tail in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B",
-                 ".token_adapter.trainable_tokens_delta", ".trainable_tokens_delta"):
-        if key.endswith(tail):
-            return key[: -len(tail)]
-    return key
+from ..names import normalise, ours, to_peft_key, token_prefix
 
 
 class AdapterKeys:
@@ -97,7 +39,7 @@ class AdapterKeys:
         self.others = sorted(set(found) - {adapter_name})
         raw = found[adapter_name]
         self.with_lora = any(".lora_" in k for k in raw)
-        prefix = "token_adapter." if self.with_lora else ""  # as peft_format._token_prefix
+        prefix = token_prefix(self.with_lora)
         self.to_source = dict(sorted((to_peft_key(k, adapter_name, prefix), v) for k, v in raw.items()))
 
     def __len__(self) -> int:

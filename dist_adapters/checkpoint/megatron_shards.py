@@ -22,12 +22,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..config import LoraConfig
 from ..control import get_config, unwrap
-from ..parallel.state import barrier, clean_name, rank
+from ..names import MEGATRON_SHARDS_NAME, WEIGHTS_NAME, clean_name, to_peft_key, token_prefix
+from ..parallel.megatron import tp_shard
+from ..process_group import barrier, rank
 from .atomic import atomic_path, atomic_write_text
-from .peft_format import WEIGHTS_NAME, _token_prefix, to_peft_key
 
-SHARDS_NAME = "shards.json"
 _RANK_DIR = re.compile(r"^mp_rank_(\d+)$")
 
 
@@ -51,15 +52,16 @@ def save_megatron_shards(model: nn.Module, directory: str, adapter_name: str = "
     tp_size, tp_rank, dp_rank = _megatron_ranks()
     inner = unwrap(model)
     config = get_config(inner, adapter_name)
-    prefix = _token_prefix(config)
+    prefix = token_prefix(isinstance(config, LoraConfig))
     tensors, sharded = {}, {}
     for name, p in inner.named_parameters():
         key = to_peft_key(clean_name(name), adapter_name, prefix)
         if key is None:
             continue
         tensors[key] = p.detach().to("cpu").contiguous().clone()
-        if getattr(p, "da_tp_group", None) is not None:
-            sharded[key] = int(p.partition_dim)
+        shard = tp_shard(p)
+        if shard is not None:
+            sharded[key] = shard.dim
     if not tensors:
         raise RuntimeError(f"adapter {adapter_name!r} has no tensors to save")
     if dp_rank == 0:
@@ -68,7 +70,7 @@ def save_megatron_shards(model: nn.Module, directory: str, adapter_name: str = "
         with atomic_path(os.path.join(sub, WEIGHTS_NAME)) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt"})
         info = {"tp_size": tp_size, "tp_rank": tp_rank, "sharded": dict(sorted(sharded.items()))}
-        atomic_write_text(os.path.join(sub, SHARDS_NAME), json.dumps(info, indent=2) + "\n")
+        atomic_write_text(os.path.join(sub, MEGATRON_SHARDS_NAME), json.dumps(info, indent=2) + "\n")
     if rank() == 0:
         config.save(directory, inference_mode=True)
     barrier()
@@ -76,7 +78,7 @@ def save_megatron_shards(model: nn.Module, directory: str, adapter_name: str = "
 
 
 def _read_rank(sub: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    info_path, weights_path = os.path.join(sub, SHARDS_NAME), os.path.join(sub, WEIGHTS_NAME)
+    info_path, weights_path = os.path.join(sub, MEGATRON_SHARDS_NAME), os.path.join(sub, WEIGHTS_NAME)
     for path in (info_path, weights_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: missing (incomplete Megatron adapter export?)")
@@ -109,17 +111,17 @@ def read_megatron_shards(directory: str) -> dict[str, torch.Tensor]:
     for r in expected:
         if r not in found:
             raise FileNotFoundError(f"{os.path.join(directory, f'mp_rank_{r:02d}')}: missing; "
-                                    f"{first}/{SHARDS_NAME} says tp_size={tp_size}")
+                                    f"{first}/{MEGATRON_SHARDS_NAME} says tp_size={tp_size}")
     if found != expected:
         extra = os.path.join(directory, f"mp_rank_{max(found):02d}")
-        raise ValueError(f"{extra}: unexpected, {first}/{SHARDS_NAME} says tp_size={tp_size}")
+        raise ValueError(f"{extra}: unexpected, {first}/{MEGATRON_SHARDS_NAME} says tp_size={tp_size}")
     ranks = [_read_rank(os.path.join(directory, f"mp_rank_{r:02d}")) for r in expected]
     keys0 = set(ranks[0][1])
     out: dict[str, torch.Tensor] = {}
     for r, (info, tensors) in enumerate(ranks):
         file = os.path.join(directory, f"mp_rank_{r:02d}", WEIGHTS_NAME)
         if info["sharded"] != info0["sharded"] or int(info["tp_size"]) != tp_size:
-            raise ValueError(f"{os.path.join(os.path.dirname(file), SHARDS_NAME)}: shard description differs "
+            raise ValueError(f"{os.path.join(os.path.dirname(file), MEGATRON_SHARDS_NAME)}: shard description differs "
                              f"from mp_rank_00's")
         if set(tensors) != keys0:
             diff = sorted(set(tensors) ^ keys0)

@@ -1,5 +1,7 @@
 """The PEFT checkpoint format, both ways. The key mapping is the table below, implemented once
-in peft_names.py (``to_peft_key`` / ``from_peft_key``, torch-free for the offline readers).
+in ``names.py`` (``to_peft_key`` / ``from_peft_key``, torch-free for the offline readers); every
+tensor is read and written through the engine access (``parallel/access.py``), so save and load
+work under every engine (rule 4 of docs/architecture.md).
 
 A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or the
 older ``adapter_model.bin``); a non-default adapter is saved in ``<dir>/<adapter_name>/``.
@@ -36,16 +38,16 @@ from torch import nn
 
 from ..config import CONFIG_NAME, LoraConfig, load_config
 from ..control import adapter_configs, adapter_layers, get_config, unwrap
+from ..inject import inject
 from ..layers.tokens import TiedTokensHead
-from ..parallel.fsdp import is_fsdp1
-from ..parallel.state import barrier, clean_name, full_shape, iter_params, rank, read_full, write_full
+from ..names import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, clean_name, from_peft_key, to_peft_key, token_prefix
+from ..parallel.access import adapter_params, base_tensor_refusal, full_shape, read_full, write_full
+from ..process_group import barrier, rank
 from .atomic import atomic_path
-from .peft_names import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, from_peft_key, to_peft_key  # noqa: F401
 
 
 def _token_prefix(config) -> str:
-    """peft nests trainable tokens under ``token_adapter`` when they come with LoRA."""
-    return "token_adapter." if isinstance(config, LoraConfig) else ""
+    return token_prefix(isinstance(config, LoraConfig))
 
 
 def _bias_keys(model: nn.Module, config) -> set[str]:
@@ -53,10 +55,10 @@ def _bias_keys(model: nn.Module, config) -> set[str]:
     bias = getattr(config, "bias", "none")
     if bias == "none":
         return set()
-    if is_fsdp1(model):
-        raise NotImplementedError(f"bias={bias!r} under FSDP1: the biases live in frozen flat parameters; "
-                                  "use FSDP2 (parallel.strategy: fsdp2) or bias='none'")
-    names = [clean_name(n) for n, _ in model.named_parameters()]
+    refusal = base_tensor_refusal(model)
+    if refusal:  # "ENGINE: why; what instead"
+        raise NotImplementedError(f"bias={bias!r} under {refusal} or bias='none'")
+    names = [clean_name(n) for n, _ in unwrap(model).named_parameters()]
     if bias == "all":
         # the copies of modules_to_save are saved whole; their biases are not listed twice
         return {n for n in names if (n == "bias" or n.endswith(".bias"))
@@ -70,12 +72,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
     Collective under FSDP / DTensor engines: every rank must call it; each rank gets the tensors.
     Only adapter tensors are gathered, one unit or tensor at a time."""
-    model = unwrap(model, keep_fsdp_root=True)  # names without DDP's "module."; FSDP1 root kept
     config = get_config(model, adapter_name)
     prefix = _token_prefix(config)
     biases = _bias_keys(model, config)
     out: dict[str, torch.Tensor] = {}
-    for name, param in iter_params(model, lambda n: to_peft_key(n, adapter_name, prefix) is not None or n in biases):
+    for name, param in adapter_params(model, lambda n: to_peft_key(n, adapter_name, prefix) is not None or n in biases):
         key = to_peft_key(name, adapter_name, prefix) or PREFIX + name
         out[key] = read_full(param).detach().to("cpu").contiguous().clone()
     return dict(sorted(out.items()))
@@ -144,8 +145,6 @@ def _resolve_dir(path: str, adapter_name: str) -> str:
 def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> nn.Module:
     """Load a PEFT directory into ``model``: inject from its adapter_config.json when the model has
     no adapter of that name yet, then copy every tensor in, checking keys and shapes."""
-    from ..inject import inject
-
     directory = _resolve_dir(path, adapter_name)
     tensors, file = read_adapter_weights(directory)
     inner = unwrap(model)
@@ -160,7 +159,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     tied = {clean_name(name): layer_name[id(layer._tokens[0])] for name, layer in adapter_layers(inner)
             if isinstance(layer, TiedTokensHead)}  # head module -> its embedding module
     prefix = _token_prefix(get_config(inner, adapter_name))
-    names = {clean_name(n) for n, _ in unwrap(model, keep_fsdp_root=True).named_parameters()}
+    names = {clean_name(n) for n, _ in unwrap(model).named_parameters()}
     incoming: dict[str, tuple[str, torch.Tensor]] = {}  # our clean name -> (file key, tensor)
     duplicates: list[tuple[str, torch.Tensor, str]] = []
     for key, tensor in tensors.items():
@@ -179,7 +178,7 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
             raise ValueError(f"{file}: key {key!r} (tied output head) differs from {incoming[twin][0]!r}")
     missing, loaded = [], set()
     wanted = lambda n: n in incoming or to_peft_key(n, adapter_name, prefix) is not None  # noqa: E731
-    for name, param in iter_params(model, wanted, writeback=True):
+    for name, param in adapter_params(model, wanted, writeback=True):
         if name not in incoming:
             missing.append(to_peft_key(name, adapter_name, prefix))
             continue

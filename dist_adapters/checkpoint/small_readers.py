@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import CONFIG_NAME
 from .allow_list import CheckpointError
-from .peft_names import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from ..names import LEGACY_WEIGHTS_NAME, MEGATRON_SHARDS_NAME, WEIGHTS_NAME
 
 
 class _Whole:
@@ -54,7 +54,7 @@ class MegatronSource(_Whole):
 
         self.dir = path
         super().__init__(read_megatron_shards(path))
-        with open(os.path.join(path, "mp_rank_00", SHARDS_NAME), encoding="utf-8") as fh:
+        with open(os.path.join(path, "mp_rank_00", MEGATRON_SHARDS_NAME), encoding="utf-8") as fh:
             import json
 
             self.world_size = int(json.load(fh)["tp_size"])
@@ -112,8 +112,7 @@ def is_peft_dir(path: str) -> bool:
         os.path.isfile(os.path.join(path, n)) for n in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME))
 
 
-SHARDS_NAME = "shards.json"  # megatron_shards.SHARDS_NAME (that module imports the layers)
 
 
 def is_megatron_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "mp_rank_00", SHARDS_NAME))
+    return os.path.isfile(os.path.join(path, "mp_rank_00", MEGATRON_SHARDS_NAME))

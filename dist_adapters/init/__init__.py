@@ -1,4 +1,4 @@
-"""Weight-dependent adapter initialisations (they read the full base weight, shard rule 3).
+"""Weight-dependent adapter initialisations (they read the full base weight through the engine access: rule 3 of docs/architecture.md).
 
 - ``loftq``: LoftQ (quantize the base, start LoRA at the low-rank part of the quantization error).
 """

@@ -25,6 +25,10 @@ import torch
 from torch import nn
 
 from ..checkpoint.safetensors_stream import StreamError, TensorFiles, read_header, rewrite_file
+from ..control import adapter_layers, unwrap
+from ..layers.lora import LoraLinear
+from ..names import PREFIX, WEIGHTS_NAME, clean_name
+from ..parallel.access import full_weights
 
 
 class LoftQInputError(StreamError):
@@ -180,14 +184,12 @@ def loftq_factors(weight: torch.Tensor, r: int, bits: int = 4, iters: int = 1, s
 
 # ----------------------------------------------------------------------------- layers in a model
 
-def apply_loftq(model: nn.Module, config, adapter_name: str, root: Optional[nn.Module] = None) -> int:
+def apply_loftq(model: nn.Module, config, adapter_name: str, wrapper: Optional[nn.Module] = None) -> int:
     """``inject``'s ``init_lora_weights="loftq"``: for every LoraLinear of ``adapter_name`` the base
-    weight becomes Q and the factors LoftQ's, one layer at a time inside ``full_weights``."""
+    weight becomes Q and the factors LoftQ's, one layer at a time inside the engine's
+    ``full_weights``. ``wrapper``: the model as the caller holds it (an engine wrapper), if not
+    ``model`` itself."""
     from tqdm.auto import tqdm
-
-    from ..control import adapter_layers
-    from ..layers.lora import LoraLinear
-    from ..parallel.gather import full_weights
 
     layers = []
     for name, layer in adapter_layers(model):
@@ -203,7 +205,7 @@ def apply_loftq(model: nn.Module, config, adapter_name: str, root: Optional[nn.M
         layers.append((name, layer))
     bits, iters = config.loftq_config.loftq_bits, config.loftq_config.loftq_iter
     for name, layer in tqdm(layers, desc="LoftQ", disable=None):
-        with full_weights(layer, root), torch.no_grad():
+        with full_weights(layer, wrapper or model), torch.no_grad():
             weight = layer.base_layer.weight
             w = weight.T if layer.fan_in_fan_out else weight  # factors are always [r, in] / [out, r]
             q, a, b = loftq_factors(w, layer.r[adapter_name], bits, iters, layer.scaling[adapter_name])
@@ -225,14 +227,9 @@ def replace_lora_weights_loftq(model: nn.Module, model_dir_or_state: Union[str, 
         import bitsandbytes as bnb
     except ImportError as exc:
         raise LoftQInputError("replace_lora_weights_loftq needs bitsandbytes (pip install dist_adapters[quant])") from exc
-    from ..control import adapter_layers, unwrap
-    from ..layers.lora import LoraLinear
-    from ..parallel.gather import full_weights
-    from ..parallel.state import clean_name
-
     source = model_dir_or_state if isinstance(model_dir_or_state, dict) else TensorFiles(model_dir_or_state)
     prefix = getattr(unwrap(model), "base_model_prefix", "") or ""
-    root, found, changed = unwrap(model, keep_fsdp_root=True), 0, 0
+    found, changed = 0, 0
     for name, layer in adapter_layers(model):
         base = getattr(layer, "base_layer", None)
         if not (isinstance(layer, LoraLinear) and adapter_name in layer.r and isinstance(base, bnb.nn.Linear4bit)):
@@ -244,7 +241,7 @@ def replace_lora_weights_loftq(model: nn.Module, model_dir_or_state: Union[str, 
         if key not in source and alt not in source:
             raise KeyError(f"LoRA layer {name!r}: no tensor {key!r} among the original weights")
         w = source[key if key in source else alt]
-        with full_weights(layer, root):
+        with full_weights(layer, model):
             q = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
             u, s, vh = low_rank(w.to(q.device, torch.float32) - q, layer.r[adapter_name], svd)
             fa, fb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
@@ -253,7 +250,7 @@ def replace_lora_weights_loftq(model: nn.Module, model_dir_or_state: Union[str, 
             fa.data.copy_(root_s.unsqueeze(1) * vh)
             fb.data.copy_(u * root_s)
         if callback is not None and not callback(model, name):
-            with full_weights(layer, root):
+            with full_weights(layer, model):
                 fa.data.copy_(before[0])
                 fb.data.copy_(before[1])
             continue
@@ -305,7 +302,6 @@ def loftq_model_dir(model_dir: str, out_dir: str, bits: int = 4, r: int = 16, it
     from tqdm.auto import tqdm
 
     from ..checkpoint.atomic import atomic_path
-    from ..checkpoint.peft_format import PREFIX, WEIGHTS_NAME
     from ..config import LoraConfig
 
     if not os.path.isdir(model_dir):

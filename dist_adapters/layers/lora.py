@@ -2,16 +2,20 @@
 
     y = base(x) + sum over active adapters of  B(A(dropout(x)) * scaling)
 
-Shard rule 1 (DESIGN.md): every trainable tensor lives in its own leaf module (``LoraFactor``,
-``EmbeddingFactor``) and is read only inside that module's ``forward``. The parent layers call
-the leaves; they never touch ``lora_A.weight`` in forward. FSDP1 flat parameters, FSDP2 DTensors
-and ZeRO-3 partitions all rely on this: the engine gathers a leaf's weight around the leaf's own
-forward. Merge reads the weights directly, but only inside the engine's gather context
-(``dist_adapters.parallel.gather``, rule 3).
+Rule 1 of docs/architecture.md: every trainable tensor lives in its own leaf module
+(``LoraFactor``, ``EmbeddingFactor``) and is read only inside that module's ``forward``. The
+parent layers call the leaves; they never touch ``lora_A.weight`` in forward, so an engine can
+shard or gather a leaf around the leaf's own forward, and swap in a subclass of a leaf that
+computes with its sharded weight (``parallel/tensor.py``). Merge reads the weights directly, but
+only inside the engine's gather context (rule 3: ``parallel/access.py``, entered by
+``merge.py``).
+
+The layers know no engine: where an engine holds the base weight partitioned, the caller passes
+its real shape (``shape``; ``inject.py`` asks the engine access for it).
 
 Module and parameter names follow peft's in-memory layout (``base_layer``, ``lora_A.<adapter>``,
 ``lora_embedding_A.<adapter>``) so the mapping to peft's checkpoint keys stays a one-liner per
-kind (``checkpoint/peft_format.py``).
+kind (``names.py``).
 
 The scaling is applied to the rank-r activation before ``lora_B`` rather than to the full
 output: the same product, but an elementwise op over r columns instead of out_features.
@@ -20,47 +24,11 @@ output: the same product, but an elementwise op over r columns instead of out_fe
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
-
-
-def local_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A replicated tensor-parallel weight (DTensor ``Replicate``) as the plain tensor every rank
-    holds; plain weights as they are. The gradient of every rank's copy is complete (each rank
-    computes the same thing), so no collective runs in forward or backward."""
-    return weight.to_local() if isinstance(weight, DTensor) else weight
-
-
-def tp_linear(x: torch.Tensor, weight: "DTensor", accumulate: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x @ weight.T (+ accumulate)`` for a LoRA factor sharded by ``parallel/tensor.py``; ``x``,
-    ``accumulate`` and the result are plain (local) tensors, as the base layer's.
-
-    - ``Replicate``: every rank has the whole factor; local math, no collective.
-    - ``Shard(0)`` (lora_B over a column-parallel base): ``x`` is replicated; the result is this
-      rank's slice of the output features. Forward: no collective. Backward: the input gradient
-      is a partial sum per rank and is all-reduced (``from_local(Replicate)``'s backward).
-    - ``Shard(1)`` (lora_A over a row-parallel base): ``x`` is this rank's slice of the input
-      features; the partial products are all-reduced in forward (``Partial -> Replicate``);
-      backward: no collective (each rank takes the replicated gradient's slice).
-    """
-    from torch.distributed.tensor import Replicate, Shard
-
-    placement = weight.placements[-1]
-    x = x.to(weight.dtype)
-    if isinstance(placement, Replicate):
-        out = F.linear(x, weight.to_local())
-    elif placement == Shard(0):
-        out = F.linear(DTensor.from_local(x, weight.device_mesh, [Replicate()], run_check=False), weight).to_local()
-    elif placement == Shard(1):
-        x = DTensor.from_local(x, weight.device_mesh, [Shard(x.dim() - 1)], run_check=False)
-        out = F.linear(x, weight).redistribute(placements=[Replicate()]).to_local()
-    else:
-        raise NotImplementedError(f"LoRA factor with tensor-parallel placement {weight.placements}")
-    return out if accumulate is None else accumulate + out.to(accumulate.dtype)
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -82,8 +50,6 @@ class LoraFactor(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if isinstance(self.weight, DTensor):  # tensor parallel (parallel/tensor.py)
-            return tp_linear(x, self.weight, accumulate)
         x = x.to(self.weight.dtype)
         if accumulate is None:
             return F.linear(x, self.weight)
@@ -100,10 +66,13 @@ class EmbeddingFactor(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(r, num_embeddings, device=device, dtype=dtype))
 
-    def forward(self, ids: torch.Tensor, padding_idx=None, max_norm=None, norm_type=2.0,
-                scale_grad_by_freq=False, sparse=False) -> torch.Tensor:
-        return F.embedding(ids, local_weight(self.weight).T, padding_idx, max_norm, norm_type, scale_grad_by_freq,
-                           sparse)
+    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.lookup(ids, self.weight, *args, **kwargs)
+
+    @staticmethod
+    def lookup(ids: torch.Tensor, weight: torch.Tensor, padding_idx=None, max_norm=None, norm_type=2.0,
+               scale_grad_by_freq=False, sparse=False) -> torch.Tensor:
+        return F.embedding(ids, weight.T, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
 
 
 class AdapterLayer(nn.Module):
@@ -138,15 +107,6 @@ class AdapterLayer(nn.Module):
             for p in self.adapter_parameters(name):
                 p.requires_grad_(name in names)
         self.active_adapters = [n for n in names if n in self.adapter_names()]
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged_adapters:
-            raise RuntimeError(f"adapter {name!r} is merged; unmerge before deleting it")
-        for attr in (*self.adapter_module_names, "lora_dropout"):
-            container = getattr(self, attr, None)
-            if container is not None and name in container:
-                del container[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
         raise NotImplementedError
@@ -187,15 +147,17 @@ class AdapterLayer(nn.Module):
 
 class LoraLinear(AdapterLayer):
     """LoRA over ``nn.Linear`` (weight [out, in]) or transformers ``Conv1D`` (weight [in, out],
-    ``fan_in_fan_out=True``). lora_A: [r, in], lora_B: [out, r] in both cases, as peft."""
+    ``fan_in_fan_out=True``). lora_A: [r, in], lora_B: [out, r] in both cases, as peft.
+    ``shape``: the base weight's real shape where an engine holds it partitioned (default: as
+    ``base_layer.weight`` has it)."""
 
     adapter_module_names = ("lora_A", "lora_B")
 
-    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False,
+                 shape: Optional[Sequence[int]] = None) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        weight = base_layer.weight
-        shape = tuple(getattr(weight, "ds_shape", weight.shape))  # ZeRO-3 keeps the real shape here
+        shape = tuple(base_layer.weight.shape if shape is None else shape)
         self.in_features, self.out_features = shape if fan_in_fan_out else shape[::-1]
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -250,10 +212,9 @@ class LoraEmbedding(AdapterLayer):
 
     adapter_module_names = ("lora_embedding_A", "lora_embedding_B")
 
-    def __init__(self, base_layer: nn.Embedding) -> None:
+    def __init__(self, base_layer: nn.Embedding, shape: Optional[Sequence[int]] = None) -> None:
         super().__init__(base_layer)
-        weight = base_layer.weight
-        self.num_embeddings, self.embedding_dim = tuple(getattr(weight, "ds_shape", weight.shape))
+        self.num_embeddings, self.embedding_dim = tuple(base_layer.weight.shape if shape is None else shape)
         self.lora_embedding_A = nn.ModuleDict()
         self.lora_embedding_B = nn.ModuleDict()
         self.r: dict[str, int] = {}

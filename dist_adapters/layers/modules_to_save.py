@@ -3,7 +3,7 @@
 The original stays frozen in ``original_module``; each adapter owns a deep copy in
 ``modules_to_save[<adapter>]`` (peft's names). Forward runs the active copy, or the original when
 adapters are disabled. The copy is its own leaf subtree, read only through its own forward
-(shard rule 1), so an engine can shard it as a unit.
+(rule 1 of docs/architecture.md), so an engine can shard it as a unit.
 """
 
 from __future__ import annotations
@@ -46,11 +46,6 @@ class ModulesToSave(nn.Module):
             for p in module.parameters():
                 p.requires_grad_(name in present)
         self.active_adapters = present
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.modules_to_save:
-            del self.modules_to_save[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def merge(self, names: Optional[list[str]] = None) -> None:
         pass

@@ -1,5 +1,7 @@
 """LoRA over Megatron-core tensor-parallel linear layers (``ColumnParallelLinear``,
-``RowParallelLinear``). Imported lazily by ``inject`` when a model holds ``megatron.*`` modules.
+``RowParallelLinear``). Imported by ``layers/optional.py`` when a model holds ``megatron.*``
+modules; the engine part (reading, writing, saving the sharded factors whole) is
+``parallel/megatron.py``.
 
 Shapes (tp = tensor-parallel size; "full" = the same tensor on every TP rank):
 
@@ -8,9 +10,9 @@ Shapes (tp = tensor-parallel size; "full" = the same tensor on every TP rank):
                                    dim 1
 
 so that the LoRA delta ``B @ A`` of each rank has exactly the shape of its local base weight and
-merge / unmerge are local (no gather). Checkpoints hold the full factors: ``read_full`` /
-``write_full`` (``parallel/state.py``) all-gather / slice the sharded one over the TP group named
-by its ``da_tp_group`` attribute; it also carries Megatron's own ``tensor_model_parallel`` /
+merge / unmerge are local (no gather). Checkpoints hold the full factors: the engine part
+(``parallel/megatron.py``) all-gathers / slices the sharded one over the TP group named by its
+``da_tp_group`` attribute; it also carries Megatron's own ``tensor_model_parallel`` /
 ``partition_dim`` attributes, so Megatron's grad-norm and checkpoint helpers treat it as sharded.
 
 Initialisation: every rank draws the FULL factors from its default generator, in the same order
@@ -28,8 +30,6 @@ they raise ``NotImplementedError`` rather than train silently wrong.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -37,8 +37,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
-from ..parallel.gather import register_gather
 from .lora import AdapterLayer, LoraFactor, _adapter_dtype, lora_scaling
+from .registry import register_lora_layer
 
 
 def _group_size(group) -> int:
@@ -147,7 +147,7 @@ class _MegatronLora(AdapterLayer):
         self.lora_B[name] = nn.utils.skip_init(LoraFactor, r, shapes["lora_B"][0], bias=False, **kw)
         p = getattr(self, self.sharded)[name].weight
         set_tensor_model_parallel_attributes(p, is_parallel=True, dim=self.dim, stride=1)
-        p.da_tp_group = self.tp_group  # read_full / write_full / save_megatron_shards gather over it
+        p.da_tp_group = self.tp_group  # parallel/megatron.py and save_megatron_shards gather over it
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r[name] = r
         self.scaling[name] = lora_scaling(r, lora_alpha, use_rslora)
@@ -256,7 +256,7 @@ class LoraRowParallelLinear(_MegatronLora):
 
 
 def _factory(cls):
-    def make(module: nn.Module, config) -> nn.Module:
+    def make(module: nn.Module, config, shape: tuple) -> nn.Module:
         # config.megatron_config (peft's way to rebuild the parallel layers) is not needed: the
         # parallel layout comes from the base layer itself.
         if config.bias != "none":
@@ -267,13 +267,5 @@ def _factory(cls):
     return make
 
 
-def _register() -> None:
-    from ..inject import register_lora_layer
-
-    register_lora_layer(ColumnParallelLinear, _factory(LoraColumnParallelLinear), linear=True)
-    register_lora_layer(RowParallelLinear, _factory(LoraRowParallelLinear), linear=True)
-    # merge / unmerge are local per rank: claim these layers so no engine gather wraps them
-    register_gather(lambda layer, root: isinstance(layer, _MegatronLora), lambda layer, root: nullcontext())
-
-
-_register()
+register_lora_layer(ColumnParallelLinear, _factory(LoraColumnParallelLinear), linear=True)
+register_lora_layer(RowParallelLinear, _factory(LoraRowParallelLinear), linear=True)

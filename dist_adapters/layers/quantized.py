@@ -2,14 +2,15 @@
 quant, any compute dtype and quant_storage) and ``Linear8bitLt``.
 
 The frozen base runs as bitsandbytes runs it; the LoRA factors are ordinary fp32 ``LoraFactor``
-leaves (shard rule 1), so forward is ``base(x) + B(A(dropout(x)) * s)`` exactly as in
-``LoraLinear``. Imported lazily by ``inject`` when a model holds ``bitsandbytes`` modules.
+leaves (rule 1 of docs/architecture.md), so forward is ``base(x) + B(A(dropout(x)) * s)``
+exactly as in ``LoraLinear``. Imported by ``layers/optional.py`` when a model holds
+``bitsandbytes`` modules.
 
 Merge / unmerge dequantize the base weight, add or subtract the delta and quantize again: the
 result carries a second rounding (a warning says so), and unmerge does not restore the original
 codes bit for bit, as in peft.
 
-The CPU packing trap (FIELD-NOTES): on CPUs with AVX512-BF16, a 4-bit forward in eval mode with
+The CPU packing trap (docs/field-notes.md): on CPUs with AVX512-BF16, a 4-bit forward in eval mode with
 an input that does not require grad repacks the weight permanently into a layout that has no
 autograd (later training gets wrong or missing input gradients) and fails outright for
 in_features < blocksize. ``disable_cpu_repacking`` turns that path off per module; wrapping a
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from .lora import AdapterLayer, LoraLinear
+from .registry import register_lora_layer
 
 
 def disable_cpu_repacking(model: nn.Module) -> int:
@@ -112,18 +114,12 @@ class LoraQuantizedLinear(LoraLinear):
         requantize(self.base_layer, weight)
 
 
-def _factory(module: nn.Module, config) -> nn.Module:
+def _factory(module: nn.Module, config, shape: tuple) -> nn.Module:
     if config.fan_in_fan_out:
         warnings.warn("fan_in_fan_out=True but the target is a bitsandbytes Linear: using fan_in_fan_out=False")
         config.fan_in_fan_out = False
     return LoraQuantizedLinear(module)
 
 
-def _register() -> None:
-    from ..inject import register_lora_layer
-
-    register_lora_layer(bnb.nn.Linear4bit, _factory, linear=True)
-    register_lora_layer(bnb.nn.Linear8bitLt, _factory, linear=True)
-
-
-_register()
+register_lora_layer(bnb.nn.Linear4bit, _factory, linear=True)
+register_lora_layer(bnb.nn.Linear8bitLt, _factory, linear=True)

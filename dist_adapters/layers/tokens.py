@@ -3,27 +3,27 @@
 peft's layer rebuilds the whole V x d matrix with the trained rows every forward (``index_copy``)
 and so also gets a dense V x d gradient. Here the frozen embedding runs unchanged and only the
 positions holding a trainable token take their row from a [k, d] leaf (``TokenRows``): memory
-beyond the frozen model is O(k x d) plus activations (shard rule 2), and the trainable rows are
-the only tensor of their module, read only in its forward (shard rule 1), so every FSDP flat
-parameter has uniform ``requires_grad``.
+beyond the frozen model is O(k x d) plus activations (rule 2 of docs/architecture.md), and the
+trainable rows are the only tensor of their module, read only in its forward (rule 1), so an
+engine can shard the rows as a unit of their own.
 
 A tied output head (``tie_word_embeddings``) gets ``TiedTokensHead``: the logits of the chosen
 tokens come from the same ``TokenRows`` (no second copy), the head's bias kept. Merge writes the
 rows into the embedding weight in place, so the tie survives merge and unload.
 
 What is saved is the rows themselves (peft's ``trainable_tokens_delta`` holds the replacement
-rows, not a difference), under peft's keys (see ``checkpoint/peft_format.py``).
+rows, not a difference), under peft's keys (see ``names.py``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import AdapterLayer, _adapter_dtype, local_weight
+from .lora import AdapterLayer, _adapter_dtype
 
 
 class TokenRows(nn.Module):
@@ -49,11 +49,11 @@ class TokenRows(nn.Module):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, mode: str = "embed",
                 scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        weight = local_weight(self.weight)  # replicated under tensor parallel
-        if base_out._is_view():
-            # a tensor-parallel layer's output is a view made by DTensor's to_local, which autograd
-            # forbids changing in place: write into a copy of the activation (never V x d weights)
-            base_out = base_out.clone()
+        return self.place(x, base_out, self.weight, mode, scale, bias)
+
+    def place(self, x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor, mode: str,
+              scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """``forward`` with the rows given as ``weight`` (this module's own, or a local view of it)."""
         if mode == "embed":
             pos = torch.searchsorted(self.sorted_indices, x).clamp_(max=len(self.sorted_indices) - 1)
             hit = self.sorted_indices[pos] == x
@@ -77,10 +77,10 @@ class TrainableTokensLayer(AdapterLayer):
 
     adapter_module_names = ("trainable_tokens_delta",)
 
-    def __init__(self, base_layer: nn.Embedding) -> None:
+    def __init__(self, base_layer: nn.Embedding, shape: Optional[Sequence[int]] = None) -> None:
+        """``shape``: the embedding's real [V, d] where an engine holds it partitioned."""
         super().__init__(base_layer)
-        weight = base_layer.weight
-        self.num_embeddings, self.embedding_dim = tuple(getattr(weight, "ds_shape", weight.shape))
+        self.num_embeddings, self.embedding_dim = tuple(base_layer.weight.shape if shape is None else shape)
         self.trainable_tokens_delta = nn.ModuleDict()
 
     def token_indices(self, name: str) -> list[int]:
@@ -98,12 +98,13 @@ class TrainableTokensLayer(AdapterLayer):
                                  f"{other!r} already trains; give each adapter its own tokens")
 
     @torch.no_grad()
-    def add_adapter(self, name: str, token_indices: list[int], init_weights: bool = True) -> None:
-        """``init_weights=True``: the current rows (a no-op until trained); False: N(0, 1) rows."""
-        from ..parallel.gather import full_weights
-
+    def add_adapter(self, name: str, token_indices: list[int], init_weights: bool = True,
+                    original: Optional[torch.Tensor] = None) -> None:
+        """``init_weights=True``: the current rows (a no-op until trained); False: N(0, 1) rows.
+        ``original``: the embedding's rows of ``token_indices`` [k, d], read by the caller where
+        an engine holds the weight partitioned; None: read from ``base_layer.weight``."""
         weight = self.base_layer.weight
-        with full_weights(self.base_layer):
+        if original is None:
             original = weight[torch.tensor(token_indices, device=weight.device)].detach().clone()
         dtype = _adapter_dtype(weight)
         rows = original.to(dtype) if init_weights else torch.randn(original.shape, dtype=dtype, device=weight.device)
@@ -164,9 +165,6 @@ class TiedTokensHead(nn.Module):
         return iter(())
 
     def set_adapter(self, names: list[str]) -> None:
-        pass
-
-    def delete_adapter(self, name: str) -> None:
         pass
 
     def merge(self, names: Optional[list[str]] = None) -> None:

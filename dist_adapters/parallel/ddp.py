@@ -3,7 +3,8 @@
 Collectives: DDP all-reduces (averages) gradients of the trainable parameters in buckets during
 backward; the frozen base is never reduced. Gradient accumulation skips that all-reduce with
 ``no_sync`` on every micro step but the last. At construction DDP broadcasts rank 0's
-parameters and buffers, so every rank starts from the same adapter.
+parameters and buffers, so every rank starts from the same adapter. Parameters stay whole on
+every rank, so no access handler is needed (the plain one serves).
 """
 
 from __future__ import annotations
@@ -14,19 +15,14 @@ from typing import ContextManager
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .engine import Engine, MakeOptimizer
+from .engine import Engine, EngineConfig, MakeOptimizer
 
 
 class DDPEngine(Engine):
-    def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer, dist) -> None:
+    def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer, dist, config: EngineConfig) -> None:
         model = model.to(dist.device)
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(model, device_ids=device_ids)
-        super().__init__(wrapped, make_optimizer, dist)
+        super().__init__(DistributedDataParallel(model, device_ids=device_ids), make_optimizer, dist, config)
 
     def accumulating(self, last_micro_step: bool) -> ContextManager:
         return nullcontext() if last_micro_step else self.model.no_sync()
-
-
-def setup_ddp(model: nn.Module, make_optimizer: MakeOptimizer, dist, cfg: dict, accumulation: int) -> Engine:
-    return DDPEngine(model, make_optimizer, dist)

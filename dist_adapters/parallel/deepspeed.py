@@ -27,7 +27,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .engine import Engine, MakeOptimizer
+from ..names import clean_name
+from . import access
+from .engine import Engine, EngineConfig, MakeOptimizer
 
 # The defaults of parallel.deepspeed_config: null (configs/zero{1,2,3}.json hold the same).
 DEFAULT_CONFIGS = {
@@ -69,6 +71,35 @@ def set_full(p: torch.Tensor, value: torch.Tensor) -> None:
         safe_set_full_fp32_param(p, value.to(torch.float32))
 
 
+class ZeroAccess(access.Access):
+    """ZeRO-1/2/3 parameters (rule 3 of docs/architecture.md): ZeRO-3 partitions are gathered
+    around each read (``GatheredParameters``: all-gather; with writeback rank 0's values are
+    broadcast and re-partitioned on exit), and writes also reach the fp32 master copy."""
+
+    name = "deepspeed"
+
+    def claims_param(self, p) -> bool:
+        return is_deepspeed_param(p)
+
+    def claims_layer(self, layer: nn.Module, model: nn.Module) -> bool:
+        return any(is_zero3_param(p) for p in layer.parameters())
+
+    def full_shape(self, p) -> torch.Size:
+        return torch.Size(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the real shape there
+
+    def write_full(self, p, value) -> None:
+        set_full(p, value)
+
+    def gathered_param(self, p, writeback: bool):
+        return gathered([p], modify=writeback)
+
+    def full_weights(self, layer: nn.Module, model: nn.Module):
+        return gathered(list(layer.parameters()), modify=True)
+
+
+access.register(ZeroAccess())
+
+
 def partitioned_loading(config: dict):
     """Keep the returned object alive while calling ``from_pretrained``: transformers then builds
     the model under ``deepspeed.zero.Init`` and loads each weight into its partitions."""
@@ -80,37 +111,40 @@ def partitioned_loading(config: dict):
     return HfDeepSpeedConfig(config)
 
 
-def zero_config(parallel: dict, stage: int, train: dict, world_size: int, accumulation: int) -> dict:
-    """The user's JSON (or the default for ``stage``) with the keys the recipe owns: the batch
-    sizes and ``gradient_clipping`` (from ``train.max_grad_norm``; null or 0: none)."""
-    if parallel["deepspeed_config"]:
-        with open(parallel["deepspeed_config"], encoding="utf-8") as fh:
-            config = json.load(fh)
+def zero_config(config: EngineConfig, stage: int, world_size: int) -> dict:
+    """The user's JSON (``config.deepspeed_config``, or the default for ``stage``) with the keys
+    the recipe owns: the batch sizes and ``gradient_clipping`` (``max_grad_norm``; None or 0:
+    none)."""
+    if config.deepspeed_config:
+        with open(config.deepspeed_config, encoding="utf-8") as fh:
+            ds = json.load(fh)
     else:
-        config = copy.deepcopy(DEFAULT_CONFIGS[stage])
-    config.setdefault("zero_optimization", {})["stage"] = stage
-    config.setdefault("zero_allow_untested_optimizer", True)
-    config["train_micro_batch_size_per_gpu"] = train["micro_batch_size"]
-    config["gradient_accumulation_steps"] = accumulation
-    config["train_batch_size"] = train["micro_batch_size"] * accumulation * world_size
+        ds = copy.deepcopy(DEFAULT_CONFIGS[stage])
+    ds.setdefault("zero_optimization", {})["stage"] = stage
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds["train_micro_batch_size_per_gpu"] = config.micro_batch_size
+    ds["gradient_accumulation_steps"] = config.accumulation
+    ds["train_batch_size"] = config.micro_batch_size * config.accumulation * world_size
     # always set: DeepSpeed's own default is 1.0, which would clip a run that asked for no clipping
-    config["gradient_clipping"] = float(train["max_grad_norm"] or 0.0)
-    return config
+    ds["gradient_clipping"] = float(config.max_grad_norm or 0.0)
+    return ds
 
 
 class ZeroEngine(Engine):
-    """The recipe's engine over ``deepspeed.initialize``. DeepSpeed counts micro steps itself:
-    ``engine.step()`` follows every backward and applies the optimizer at the accumulation
-    boundary (with the clipping of the config)."""
+    """Strategies ``zero1`` / ``zero2`` / ``zero3`` over ``deepspeed.initialize``. DeepSpeed counts
+    micro steps itself: its ``engine.step()`` must follow every backward, and applies the optimizer
+    (with the config's clipping) at the accumulation boundary; so ``backward`` calls it, and
+    ``finish_step`` only reports the norm DeepSpeed measured."""
 
-    def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer, dist, config: dict) -> None:
+    def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer, dist, config: EngineConfig,
+                 stage: int) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         import deepspeed
 
-        self.dist = dist
+        self.dist, self.config, self.data_parallel = dist, config, None
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model.to(dist.device), optimizer=optimizer,
-                                                                config=config)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=model.to(dist.device), optimizer=optimizer, config=zero_config(config, stage, dist.world_size))
 
     def accumulating(self, last_micro_step: bool):
         return nullcontext()
@@ -120,13 +154,11 @@ class ZeroEngine(Engine):
         self.model.backward(loss, scale_wrt_gas=False)
         self.model.step()
 
-    def step(self, max_grad_norm) -> float:
+    def finish_step(self) -> float:
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
 
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
-        from .state import clean_name
-
         return [(clean_name(n), p) for n, p in self.model.module.named_parameters() if p.requires_grad]
 
     def _moment_keys(self) -> tuple[str, ...]:
@@ -199,15 +231,3 @@ class ZeroEngine(Engine):
                 safe_set_full_optimizer_state(p, value.to(p.device), key)
         for state in inner.state.values():
             state["step"] = torch.tensor(data["step"])
-
-
-def _setup(stage: int):
-    def setup(model, make_optimizer, dist, cfg: dict, accumulation: int) -> Engine:
-        config = zero_config(cfg["parallel"], stage, cfg["train"], dist.world_size, accumulation)
-        return ZeroEngine(model, make_optimizer, dist, config)
-
-    setup.__name__ = f"setup_zero{stage}"
-    return setup
-
-
-setup_zero1, setup_zero2, setup_zero3 = _setup(1), _setup(2), _setup(3)

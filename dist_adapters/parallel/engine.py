@@ -1,10 +1,11 @@
-"""What the recipe needs from a parallel strategy, and the single-process strategy itself.
+"""What the training loop needs from a parallel strategy: the ``Engine`` interface, its typed
+configuration, and the two shared bases (replicated: ``Engine``; sharded: ``ShardedEngine``).
 
 An ``Engine`` owns the model as the strategy wraps it and the optimizer, and knows how to run a
-backward pass (with gradient accumulation), take a step, and save or restore the optimizer in a
-training checkpoint. Each strategy is one function in this package, ``setup_<name>(model,
-make_optimizer, dist, recipe_config, accumulation_steps) -> Engine``, listed in the recipe's strategy table; the training loop
-never asks which strategy it runs.
+backward pass (with gradient accumulation), finish an optimizer step, and save or restore the
+optimizer in a training checkpoint. Each strategy is one row of ``strategies.STRATEGIES``, whose
+``setup(model, make_optimizer, dist, config) -> Engine`` builds it; the training loop never asks
+which strategy it runs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Iterable
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 from torch import nn
@@ -20,17 +22,32 @@ from torch import nn
 MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """What engines read from a run's configuration (the recipe builds it from its sections)."""
+
+    micro_batch_size: int = 1
+    accumulation: int = 1  # micro steps per optimizer step
+    max_grad_norm: Optional[float] = None  # None or 0: no clipping
+    tp_size: int = 1
+    use_orig_params: bool = False  # FSDP1
+    activation_checkpointing: bool = False
+    mixed_precision: Optional[torch.dtype] = None  # FSDP1 / FSDP2 compute and reduce dtype
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON; None: deepspeed.DEFAULT_CONFIGS
+
+
 class Engine:
-    """Single process: forward, backward, clip, step. Subclasses change what differs."""
+    """Replicated parameters (one process, DDP): forward, backward, clip, step."""
 
-    def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer, dist) -> None:
+    def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer, dist, config: EngineConfig,
+                 data_parallel: Optional[tuple[int, int]] = None) -> None:
         self.dist = dist
+        self.config = config
         self.model = model
+        # (rank, size) of the data-parallel group: which share of the global batch this rank
+        # trains on. None: every rank is its own replica (tensor-parallel ranks share data).
+        self.data_parallel = data_parallel
         self.optimizer = make_optimizer(self.trainable_parameters())
-
-    # (rank, size) of the data-parallel group: which share of the global batch this rank trains
-    # on. None: every rank is its own replica. Tensor-parallel ranks of one replica share data.
-    data_parallel: tuple[int, int] | None = None
 
     @property
     def dp_rank(self) -> int:
@@ -56,11 +73,13 @@ class Engine:
             return torch.zeros(())
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
-    def step(self, max_grad_norm: float | None) -> float:
-        """Clip to ``max_grad_norm`` (if set), step, zero the gradients; returns the norm before clipping."""
+    def finish_step(self) -> float:
+        """After the last micro step's backward: clip to ``config.max_grad_norm`` (if set), step
+        the optimizer, zero the gradients; returns the gradient norm before clipping."""
         norm = self.grad_norm()
-        if max_grad_norm and math.isfinite(norm.item()) and norm.item() > max_grad_norm:
-            scale = max_grad_norm / (norm.item() + 1e-6)
+        limit = self.config.max_grad_norm
+        if limit and math.isfinite(norm.item()) and norm.item() > limit:
+            scale = limit / (norm.item() + 1e-6)
             for p in self.trainable_parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
@@ -79,6 +98,54 @@ class Engine:
         self.optimizer.load_state_dict(state)
 
 
-def setup_none(model: nn.Module, make_optimizer: MakeOptimizer, dist, cfg: dict, accumulation: int) -> Engine:
-    """Strategy ``none``: one process, the model as it is."""
-    return Engine(model.to(dist.device), make_optimizer, dist)
+def sharded_grad_norm(parameters: Iterable[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """The global 2-norm of gradients spread over ranks, with one all-reduce (sum) of the local
+    sums of squares. A plain gradient is this rank's shard (FSDP1's flat parameters); a DTensor
+    gradient contributes its local part once per copy: divided by the number of mesh ranks that
+    hold the same part (the sizes of its ``Replicate`` mesh dims), so FSDP2 (``Shard``), tensor
+    parallel (``Shard`` or ``Replicate``) and both on a 2-D mesh are counted exactly once."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for p in parameters:
+        g = p.grad
+        if g is None:
+            continue
+        copies = 1
+        if hasattr(g, "to_local"):
+            copies = math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_replicate())
+            g = g.to_local()
+        total += g.double().pow(2).sum() / copies
+    torch.distributed.all_reduce(total)
+    return total.sqrt().float()
+
+
+class ShardedEngine(Engine):
+    """Sharded parameters (FSDP1, FSDP2, tensor parallel): the gradient norm is collective and
+    the optimizer is saved as a torch.distributed.checkpoint (resharded on load)."""
+
+    def grad_norm(self) -> torch.Tensor:
+        return sharded_grad_norm(self.trainable_parameters(), self.dist.device)
+
+    def save_optimizer(self, directory: str) -> None:
+        """Adapter and optimizer as a torch.distributed.checkpoint (every rank writes its shards)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer,
+                                            options=StateDictOptions(ignore_frozen_params=True))
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{directory}/dcp")
+
+    def load_optimizer(self, directory: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        if not os.path.isdir(f"{directory}/dcp"):
+            raise FileNotFoundError(f"{directory}: no dcp/ checkpoint (written by an fsdp1 / fsdp2 / tp run)")
+        opts = StateDictOptions(ignore_frozen_params=True)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=f"{directory}/dcp")
+        # strict=False: the frozen base is not in the checkpoint (the adapter also comes from
+        # adapter/, loaded with key and shape checks by load_adapter before this)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))

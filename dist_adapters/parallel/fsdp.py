@@ -5,7 +5,7 @@ which with ``use_orig_params=False`` must have uniform ``requires_grad``. ``auto
 therefore puts every adapter leaf (LoRA factors, token rows, modules_to_save copies) in its own
 unit and every transformer block in another: block units hold only frozen weights, adapter
 units only trainable ones. This works because a leaf's weight is read only in the leaf's own
-forward (shard rule 1), which is where FSDP unshards it.
+forward (rule 1, docs/architecture.md), which is where FSDP unshards it.
 
 FSDP2 (``fully_shard``) shards parameters as DTensors per group. ``shard`` makes a group per
 transformer block, then the root. FSDP2 needs one original dtype per group ("FSDP expects uniform
@@ -29,16 +29,10 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..layers.lora import EmbeddingFactor, LoraFactor
-from ..layers.modules_to_save import ModulesToSave
-from ..layers.tokens import TokenRows
-from .engine import Engine, MakeOptimizer
-from .state import clean_name
-
-def adapter_leaves(model: nn.Module) -> list[nn.Module]:
-    """Every module holding trainable adapter tensors: LoRA factors, token rows, saved copies."""
-    copies = {id(c) for m in model.modules() if isinstance(m, ModulesToSave) for c in m.modules_to_save.values()}
-    return [m for m in model.modules() if isinstance(m, (LoraFactor, EmbeddingFactor, TokenRows)) or id(m) in copies]
+from ..layers.registry import adapter_leaves
+from ..names import WRAPPER_CLASSES, clean_name
+from . import access
+from .engine import EngineConfig, MakeOptimizer, ShardedEngine
 
 
 def block_classes(model: nn.Module) -> set[type]:
@@ -93,8 +87,17 @@ def _fsdp1_units(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, FSDP)]
 
 
+def fsdp1_root(model: nn.Module) -> nn.Module:
+    """The module FSDP1's gathers start from: ``model`` without outer DDP / DeepSpeed wrappers,
+    stopping at an FSDP1 root (its unit owns the storage of the weights outside nested units)."""
+    while type(model).__name__ in WRAPPER_CLASSES and type(model).__name__ != "FullyShardedDataParallel" \
+            and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
 def is_fsdp1(model: nn.Module) -> bool:
-    return bool(_fsdp1_units(model))
+    return bool(_fsdp1_units(fsdp1_root(model)))
 
 
 def _lazy_init_root(root: nn.Module) -> None:
@@ -120,17 +123,48 @@ def fsdp1_full_params(root: nn.Module, module: nn.Module, writeback: bool = True
         yield
 
 
-def fsdp1_adapter_params(root: nn.Module, writeback: bool = False) -> Iterator[tuple[str, nn.Parameter]]:
-    """(clean name, full parameter) of every adapter leaf unit, each gathered in turn."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+class FSDP1Access(access.Access):
+    """FSDP1 flat parameters: gathers are per unit (``summon_full_params``), never per tensor.
 
-    _lazy_init_root(root)
-    leaves = {id(m) for m in adapter_leaves(root)}
-    for name, unit in _fsdp1_units(root):
-        if id(unit.module) in leaves:
-            with FSDP.summon_full_params(unit, recurse=False, writeback=writeback):
-                for pname, p in unit.module.named_parameters():
-                    yield clean_name(f"{name}.{pname}"), p
+    - ``full_weights(layer)``: summon the nearest unit enclosing ``layer`` (all-gather of that
+      unit; with writeback the local shard is updated on exit).
+    - ``adapter_params``: each adapter leaf unit is summoned in turn (``recurse=False``); the
+      frozen units are never gathered. Tensors outside adapter leaves (biases) live in frozen
+      flat parameters and are refused (``base_tensor_refusal``).
+    """
+
+    name = "fsdp1"
+
+    def claims_layer(self, layer: nn.Module, model: nn.Module) -> bool:
+        return is_fsdp1(model)
+
+    def claims_model(self, model: nn.Module) -> bool:
+        return is_fsdp1(model)
+
+    def full_weights(self, layer: nn.Module, model: nn.Module):
+        return fsdp1_full_params(fsdp1_root(model), layer, writeback=True)
+
+    def base_tensor_refusal(self, model: nn.Module):
+        if is_fsdp1(model):
+            return "FSDP1: the biases live in frozen flat parameters; use FSDP2 (parallel.strategy: fsdp2)"
+        return None
+
+    def adapter_params(self, model: nn.Module, wanted, writeback: bool):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        root = fsdp1_root(model)
+        _lazy_init_root(root)
+        leaves = {id(m) for m in adapter_leaves(root)}
+        for name, unit in _fsdp1_units(root):
+            if id(unit.module) in leaves:
+                with FSDP.summon_full_params(unit, recurse=False, writeback=writeback):
+                    for pname, p in unit.module.named_parameters():
+                        full_name = clean_name(f"{name}.{pname}")
+                        if wanted(full_name):
+                            yield full_name, p
+
+
+access.register(FSDP1Access())
 
 
 # ----------------------------------------------------------------------------- FSDP2
@@ -173,54 +207,16 @@ def shard(model: nn.Module, mesh=None, separate_adapters="auto", **fully_shard_k
 
 # ----------------------------------------------------------------------------- recipe engines
 
-class _ShardedEngine(Engine):
-    """Gradients are sharded: the norm is a sum of local squares, all-reduced."""
+class FSDP1Engine(ShardedEngine):
+    """Strategy ``fsdp1``: ``wrap_fsdp1`` (adapter leaves in their own units); accumulation skips
+    the gradient reduce-scatter with ``no_sync`` until the last micro step."""
 
-    def grad_norm(self) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
-        for p in self.trainable_parameters():
-            if p.grad is not None:
-                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                total += g.double().pow(2).sum()
-        torch.distributed.all_reduce(total)
-        return total.sqrt().float()
-
-    def save_optimizer(self, directory: str) -> None:
-        """Adapter and optimizer as a torch.distributed.checkpoint (resharded on load)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer,
-                                            options=StateDictOptions(ignore_frozen_params=True))
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{directory}/dcp")
-
-    def load_optimizer(self, directory: str) -> None:
-        import os
-
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-
-        if not os.path.isdir(f"{directory}/dcp"):
-            raise FileNotFoundError(f"{directory}: no dcp/ checkpoint (written by an fsdp1 / fsdp2 run)")
-        opts = StateDictOptions(ignore_frozen_params=True)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=f"{directory}/dcp")
-        # strict=False: the frozen base is not in the checkpoint (the adapter also comes from
-        # adapter/, loaded with key and shape checks by load_adapter before this)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"],
-                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
-
-
-class FSDP1Engine(_ShardedEngine):
-    def __init__(self, model, make_optimizer: MakeOptimizer, dist, use_orig_params: bool = False,
-                 activation_checkpointing: bool = False, mixed_precision=None) -> None:
-        if activation_checkpointing:
+    def __init__(self, model, make_optimizer: MakeOptimizer, dist, config: EngineConfig) -> None:
+        if config.activation_checkpointing:
             apply_activation_checkpointing(model)
-        wrapped = wrap_fsdp1(model.to(dist.device), dist.device, use_orig_params=use_orig_params,
-                             mixed_precision=mixed_precision)
-        super().__init__(wrapped, make_optimizer, dist)
+        wrapped = wrap_fsdp1(model.to(dist.device), dist.device, use_orig_params=config.use_orig_params,
+                             mixed_precision=config.mixed_precision)
+        super().__init__(wrapped, make_optimizer, dist, config)
 
     def accumulating(self, last_micro_step: bool):
         from contextlib import nullcontext
@@ -228,37 +224,24 @@ class FSDP1Engine(_ShardedEngine):
         return nullcontext() if last_micro_step else self.model.no_sync()
 
 
-class FSDP2Engine(_ShardedEngine):
-    def __init__(self, model, make_optimizer: MakeOptimizer, dist, activation_checkpointing: bool = False,
-                 mixed_precision=None, mesh=None) -> None:
-        if activation_checkpointing:
+class FSDP2Engine(ShardedEngine):
+    """Strategy ``fsdp2`` (and the FSDP2 half of ``fsdp2_tp``, over ``mesh``): ``shard``;
+    accumulation turns the gradient reduce-scatter off until the last micro step."""
+
+    def __init__(self, model, make_optimizer: MakeOptimizer, dist, config: EngineConfig, mesh=None,
+                 data_parallel=None) -> None:
+        if config.activation_checkpointing:
             apply_activation_checkpointing(model)
         kwargs = {"mesh": mesh}
-        if mixed_precision:
+        if config.mixed_precision:
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=mixed_precision)
-        super().__init__(shard(model.to(dist.device), **kwargs), make_optimizer, dist)
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=config.mixed_precision,
+                                                       reduce_dtype=config.mixed_precision)
+        super().__init__(shard(model.to(dist.device), **kwargs), make_optimizer, dist, config, data_parallel)
 
     def accumulating(self, last_micro_step: bool):
         from contextlib import nullcontext
 
         self.model.set_requires_gradient_sync(last_micro_step)
         return nullcontext()
-
-
-def setup_fsdp1(model, make_optimizer, dist, cfg: dict, accumulation: int) -> Engine:
-    parallel = cfg["parallel"]
-    return FSDP1Engine(model, make_optimizer, dist, use_orig_params=parallel["use_orig_params"],
-                       activation_checkpointing=parallel["activation_checkpointing"],
-                       mixed_precision=_dtype(parallel["mixed_precision"]))
-
-
-def setup_fsdp2(model, make_optimizer, dist, cfg: dict, accumulation: int) -> Engine:
-    parallel = cfg["parallel"]
-    return FSDP2Engine(model, make_optimizer, dist, activation_checkpointing=parallel["activation_checkpointing"],
-                       mixed_precision=_dtype(parallel["mixed_precision"]))
-
-
-def _dtype(name):
-    return getattr(torch, name) if name else None

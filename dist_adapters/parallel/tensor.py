@@ -13,7 +13,7 @@ LoRA product with the slice of the base it holds:
 
 Collectives (forward / backward pair):
 - colwise base (``ColwiseParallel``): none / all-reduce of the input gradient. Its lora_B
-  (``layers.lora.tp_linear``): none / all-reduce of the gradient of the rank-r activation.
+  (``tp_linear``): none / all-reduce of the gradient of the rank-r activation.
 - rowwise base (``RowwiseParallel``): all-reduce of the output / none. Its lora_A: all-reduce of
   the rank-r partial products / none.
 - vocab-parallel embedding (``RowwiseParallel`` on ``nn.Embedding``): each rank looks up the
@@ -25,9 +25,14 @@ overwrite the positions of their tokens after the vocab-parallel all-reduce, so 
 another rank's vocab slice, and nothing V x d is ever gathered. Their gradients are complete on
 every rank (replicated compute), so replicas stay equal without a collective.
 
-``grad_norm`` is the norm over DTensor and plain gradients (``clip_grad_norm_`` refuses the mix).
-Recipe strategies: ``tp`` (every rank one TP slice of one model) and ``fsdp2_tp`` (2-D mesh
-dp x tp: FSDP2 over ``dp`` on top of TP over ``tp``).
+The adapter leaves compute with their DTensor weights through TP subclasses that ``parallelize``
+swaps in (``TPLoraFactor``, ``TPEmbeddingFactor``, ``TPTokenRows``; the way ``fully_shard`` swaps
+in its FSDP classes), so the layers themselves know nothing of DTensor.
+
+``grad_norm`` is the norm over DTensor and plain gradients (torch's ``clip_grad_norm_`` refuses
+the mix). Recipe strategies: ``tp`` (``TPEngine``: every rank one TP slice of one model) and
+``fsdp2_tp`` (2-D mesh dp x tp, ``mesh_2d``: TP inside each dp group, FSDP2 across them; composed
+in ``strategies.py``).
 """
 
 from __future__ import annotations
@@ -37,10 +42,15 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .engine import Engine, MakeOptimizer
-from .fsdp import FSDP2Engine, _ShardedEngine
+from ..layers.lora import EmbeddingFactor, LoraEmbedding, LoraFactor, LoraLinear
+from ..layers.registry import ADAPTER_LEAF_TYPES
+from ..layers.tokens import TiedTokensHead, TokenRows, TrainableTokensLayer
+from ..names import clean_name
+from .engine import EngineConfig, MakeOptimizer, ShardedEngine
 
 # Module-name patterns (fnmatch, matched against the name without adapter wrappers) -> style.
 LLAMA_PLAN = {
@@ -58,13 +68,10 @@ _FACTOR_PLACEMENTS = {"colwise": ("replicate", 0), "rowwise": (1, "replicate"), 
 
 
 def _placement(spec):
-    from torch.distributed.tensor import Replicate, Shard
-
     return Replicate() if spec == "replicate" else Shard(spec)
 
 
 def _base_style(style: str, module: nn.Module):
-    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     if style == "colwise":
@@ -81,8 +88,6 @@ def _base_style(style: str, module: nn.Module):
 
 
 def _plain_name(name: str) -> str:
-    from .state import clean_name
-
     return clean_name(name).replace(".base_layer", "")
 
 
@@ -102,9 +107,6 @@ def parallelize(model: nn.Module, mesh=None, plan: Optional[dict] = None) -> nn.
     from torch.distributed.tensor import distribute_tensor
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from ..layers.lora import LoraEmbedding, LoraLinear
-    from ..layers.tokens import TiedTokensHead, TrainableTokensLayer
-
     if mesh is None:
         kind = "cuda" if torch.cuda.is_available() else "cpu"
         mesh = init_device_mesh(kind, (torch.distributed.get_world_size(),))
@@ -115,7 +117,7 @@ def parallelize(model: nn.Module, mesh=None, plan: Optional[dict] = None) -> nn.
     ties = _tied_weights(model)
     for name, module in list(model.named_modules()):
         style = next((s for pattern, s in plan.items() if fnmatch.fnmatchcase(_plain_name(name), pattern)), None)
-        if style is None or isinstance(module, (nn.ModuleDict, _adapter_leaf_types())):
+        if style is None or isinstance(module, (nn.ModuleDict, ADAPTER_LEAF_TYPES)):
             continue
         base = module.base_layer if isinstance(module, (LoraLinear, LoraEmbedding, TrainableTokensLayer,
                                                         TiedTokensHead)) else module
@@ -138,6 +140,7 @@ def parallelize(model: nn.Module, mesh=None, plan: Optional[dict] = None) -> nn.
             if p.requires_grad and not _is_dtensor(p):
                 module.register_parameter(pname, nn.Parameter(distribute_tensor(p.data, mesh, [_placement("replicate")]),
                                                               requires_grad=True))
+    _swap_in_tp_leaves(model)
     return model
 
 
@@ -151,23 +154,14 @@ def _check_trainable(model: nn.Module) -> None:
                                       "sharded layer is not supported under tp (use fsdp2, or leave it out)")
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad and not isinstance(module, _adapter_leaf_types()):
+            if p.requires_grad and not isinstance(module, ADAPTER_LEAF_TYPES):
                 raise NotImplementedError(f"tensor parallel: trainable parameter {name}.{pname} belongs to a "
                                           f"{type(module).__name__}; only adapter leaves (LoRA factors, token "
                                           "rows) are supported under tp (bias='none', no modules_to_save)")
 
 
-def _adapter_leaf_types() -> tuple:
-    from ..layers.lora import EmbeddingFactor, LoraFactor
-    from ..layers.tokens import TokenRows
-
-    return (LoraFactor, EmbeddingFactor, TokenRows)
-
-
 def _is_dtensor(p) -> bool:
-    from .state import is_dtensor
-
-    return is_dtensor(p)
+    return isinstance(p, DTensor) or isinstance(getattr(p, "data", None), DTensor)
 
 
 def _distribute(factor: nn.Module, mesh, placement) -> None:
@@ -197,6 +191,71 @@ def _retie(model: nn.Module, ties) -> None:
         shared = module._parameters[pname]
         for other, other_name in group[1:]:
             other.register_parameter(other_name, shared)
+
+
+# ----------------------------------------------------------------------------- TP adapter leaves
+
+def tp_linear(x: torch.Tensor, weight: DTensor, accumulate: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x @ weight.T (+ accumulate)`` for a LoRA factor sharded by ``parallelize``; ``x``,
+    ``accumulate`` and the result are plain (local) tensors, as the base layer's.
+
+    - ``Replicate``: every rank has the whole factor; local math, no collective.
+    - ``Shard(0)`` (lora_B over a column-parallel base): ``x`` is replicated; the result is this
+      rank's slice of the output features. Forward: no collective. Backward: the input gradient
+      is a partial sum per rank and is all-reduced (``from_local(Replicate)``'s backward).
+    - ``Shard(1)`` (lora_A over a row-parallel base): ``x`` is this rank's slice of the input
+      features; the partial products are all-reduced in forward (``Partial -> Replicate``);
+      backward: no collective (each rank takes the replicated gradient's slice).
+    """
+    placement = weight.placements[-1]
+    x = x.to(weight.dtype)
+    if isinstance(placement, Replicate):
+        out = F.linear(x, weight.to_local())
+    elif placement == Shard(0):
+        out = F.linear(DTensor.from_local(x, weight.device_mesh, [Replicate()], run_check=False), weight).to_local()
+    elif placement == Shard(1):
+        x = DTensor.from_local(x, weight.device_mesh, [Shard(x.dim() - 1)], run_check=False)
+        out = F.linear(x, weight).redistribute(placements=[Replicate()]).to_local()
+    else:
+        raise NotImplementedError(f"LoRA factor with tensor-parallel placement {weight.placements}")
+    return out if accumulate is None else accumulate + out.to(accumulate.dtype)
+
+
+class TPLoraFactor(LoraFactor):
+    """A LoRA factor whose weight is a DTensor (``tp_linear``)."""
+
+    def forward(self, x: torch.Tensor, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return tp_linear(x, self.weight, accumulate)
+
+
+class TPEmbeddingFactor(EmbeddingFactor):
+    """lora_embedding_A replicated on every tp rank: the lookup runs on the local (= whole) copy;
+    its gradient is complete on every rank (replicated compute), so no collective runs."""
+
+    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.lookup(ids, self.weight.to_local(), *args, **kwargs)
+
+
+class TPTokenRows(TokenRows):
+    """Token rows replicated on every tp rank (no collective, as ``TPEmbeddingFactor``). The
+    output of a tensor-parallel base is a view made by DTensor's ``to_local``, which autograd
+    forbids changing in place: the rows are written into a copy of the activation (never of the
+    V x d weight)."""
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, mode: str = "embed", scale=None, bias=None):
+        base_out = base_out.clone() if base_out._is_view() else base_out
+        return self.place(x, base_out, self.weight.to_local(), mode, scale, bias)
+
+
+_TP_LEAVES = ((LoraFactor, TPLoraFactor), (EmbeddingFactor, TPEmbeddingFactor), (TokenRows, TPTokenRows))
+
+
+def _swap_in_tp_leaves(model: nn.Module) -> None:
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        for plain, tp in _TP_LEAVES:
+            if type(module) is plain and _is_dtensor(weight):
+                module.__class__ = tp
 
 
 # ----------------------------------------------------------------------------- gradient norm
@@ -229,49 +288,17 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- recipe engines
 
-def _mesh(dp: int, tp: int, device: torch.device):
+def mesh_2d(dp: int, tp: int, device: torch.device):
+    """The (dp, tp) device mesh of ``tp`` and ``fsdp2_tp``: tp ranks are neighbours."""
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
 
 
-class TPEngine(_ShardedEngine):
+class TPEngine(ShardedEngine):
     """Strategy ``tp``: all ranks hold one model, each a tp slice; every rank sees the same data."""
 
-    def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer, dist, tp_size: int) -> None:
-        mesh = _mesh(1, tp_size, dist.device)
+    def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer, dist, config: EngineConfig) -> None:
+        mesh = mesh_2d(1, config.tp_size, dist.device)
         parallelize(model.to(dist.device), mesh["tp"])
-        Engine.__init__(self, model, make_optimizer, dist)
-        self.data_parallel = (0, 1)
-
-    def grad_norm(self) -> torch.Tensor:
-        return grad_norm(self.trainable_parameters())
-
-
-class FSDP2TPEngine(FSDP2Engine):
-    """Strategy ``fsdp2_tp``: mesh (dp, tp); TP inside each dp group, FSDP2 across dp groups."""
-
-    def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer, dist, tp_size: int,
-                 activation_checkpointing: bool = False, mixed_precision=None) -> None:
-        dp = dist.world_size // tp_size
-        mesh = _mesh(dp, tp_size, dist.device)
-        parallelize(model.to(dist.device), mesh["tp"])
-        super().__init__(model, make_optimizer, dist, activation_checkpointing=activation_checkpointing,
-                         mixed_precision=mixed_precision, mesh=mesh["dp"])
-        self.data_parallel = (mesh.get_local_rank("dp"), dp)
-
-    def grad_norm(self) -> torch.Tensor:
-        return grad_norm(self.trainable_parameters())
-
-
-def setup_tp(model, make_optimizer, dist, cfg: dict, accumulation: int) -> Engine:
-    return TPEngine(model, make_optimizer, dist, tp_size=cfg["parallel"]["tp_size"])
-
-
-def setup_fsdp2_tp(model, make_optimizer, dist, cfg: dict, accumulation: int) -> Engine:
-    from .fsdp import _dtype
-
-    parallel = cfg["parallel"]
-    return FSDP2TPEngine(model, make_optimizer, dist, tp_size=parallel["tp_size"],
-                         activation_checkpointing=parallel["activation_checkpointing"],
-                         mixed_precision=_dtype(parallel["mixed_precision"]))
+        super().__init__(model, make_optimizer, dist, config, data_parallel=(0, 1))

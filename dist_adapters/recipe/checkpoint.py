@@ -5,7 +5,7 @@
     rng_rank{r}.pt        each rank's torch RNG state (dropout masks continue exactly on resume)
     trainer_state.json    step, seed, world size, global batch: the data position is the step
 
-Every rank enters (shard rule 4). The directory is assembled under ``.step_N.partial`` and renamed
+Every rank enters (rule 4 of docs/architecture.md). The directory is assembled under ``.step_N.partial`` and renamed
 to ``step_N`` only when complete, with ``trainer_state.json`` written last, so an interrupted
 write never becomes the checkpoint a resume picks up and the previous one stays loadable.
 """
@@ -22,7 +22,7 @@ import torch
 
 from ..checkpoint.atomic import atomic_write_text
 from ..checkpoint.peft_format import load_adapter, save_adapter
-from ..parallel.state import barrier
+from ..process_group import barrier
 from .config import RecipeError
 
 STATE_NAME = "trainer_state.json"

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..config import LoraConfig, TrainableTokensConfig
+from ..parallel.strategies import STRATEGIES
 
 
 class RecipeError(Exception):
@@ -39,7 +40,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                "timeout_minutes": 30},
 }
 
-STRATEGIES = ("none", "ddp", "fsdp1", "fsdp2", "zero1", "zero2", "zero3", "tp", "fsdp2_tp")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
@@ -185,16 +185,14 @@ def launch_world_size(launch: dict) -> int:
     return launch["nnodes"] * launch["nproc_per_node"]
 
 
-TENSOR_PARALLEL = ("tp", "fsdp2_tp")
-
-
 def data_parallel_size(cfg: dict, world_size: int) -> int:
     """How many ranks train on different samples: the world, or world / tp_size under tensor
     parallel (the ranks of one tensor-parallel group see the same samples)."""
     strategy, tp = cfg["parallel"]["strategy"], cfg["parallel"]["tp_size"]
-    if strategy not in TENSOR_PARALLEL:
+    if not STRATEGIES[strategy].tensor_parallel:
         if tp != 1:
-            raise RecipeError(f"parallel.tp_size {tp} needs parallel.strategy tp or fsdp2_tp, not {strategy!r}")
+            with_tp = " or ".join(name for name, s in STRATEGIES.items() if s.tensor_parallel)
+            raise RecipeError(f"parallel.tp_size {tp} needs parallel.strategy {with_tp}, not {strategy!r}")
         return world_size
     if strategy == "tp" and tp != world_size:
         raise RecipeError(f"parallel.strategy tp runs one model over all ranks: parallel.tp_size ({tp}) must equal "

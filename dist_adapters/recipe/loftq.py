@@ -23,7 +23,7 @@ from ..config import LoraConfig
 from ..control import adapter_configs
 from ..inject import inject
 from ..merge import unload
-from ..parallel.state import barrier
+from ..process_group import barrier
 from . import quantization
 from .config import RecipeError
 

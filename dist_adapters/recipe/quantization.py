@@ -18,14 +18,10 @@ import logging
 
 import torch
 
+from ..parallel.strategies import STRATEGIES
 from .config import RecipeError
 
 KEYS = {"bits": 4, "quant_type": "nf4", "compute_dtype": "float32", "quant_storage": "uint8", "double_quant": False}
-# strategies whose QLoRA path is verified (tests/test_quantized.py)
-STRATEGIES = ("none", "ddp", "fsdp1", "fsdp2", "zero3")
-# engines that shard parameters: the packed 4-bit weights shard with the rest when their storage
-# dtype is the model's (FSDP1 flat parameters need one dtype), so that is the default there
-SHARDED = ("fsdp1", "fsdp2", "zero3")
 
 
 def settings(cfg: dict) -> dict:
@@ -37,7 +33,9 @@ def settings(cfg: dict) -> dict:
     if unknown:
         raise RecipeError(f"unknown key 'model.quantization.{unknown[0]}' (keys: {', '.join(KEYS)})")
     q = {**KEYS, **given}
-    if "quant_storage" not in given and cfg["parallel"]["strategy"] in SHARDED:
+    # engines that shard parameters: the packed 4-bit weights shard with the rest when their
+    # storage dtype is the model's (FSDP1 flat parameters need one dtype), so that is the default
+    if "quant_storage" not in given and STRATEGIES[cfg["parallel"]["strategy"]].shards_parameters:
         q["quant_storage"] = cfg["model"]["dtype"]
     if q["bits"] not in (4, 8):
         raise RecipeError(f"model.quantization.bits must be 4 or 8, got {q['bits']!r}")
@@ -48,9 +46,10 @@ def settings(cfg: dict) -> dict:
             raise RecipeError(f"model.quantization.{key} must be a torch dtype name (float32, bfloat16, uint8...), "
                               f"got {q[key]!r}")
     strategy = cfg["parallel"]["strategy"]
-    if strategy not in STRATEGIES:
+    if not STRATEGIES[strategy].quantization:  # QLoRA verified under these (tests/test_quantized.py)
+        verified = ", ".join(name for name, s in STRATEGIES.items() if s.quantization)
         raise RecipeError(f"model.quantization with parallel.strategy {strategy!r} is not supported; "
-                          f"QLoRA runs under: {', '.join(STRATEGIES)}")
+                          f"QLoRA runs under: {verified}")
     # bitsandbytes logs at import, on AVX512-BF16 CPUs, that an optional kernel for its repacked
     # eval path is missing; the recipe turns that path off (disable_cpu_repacking), so the line
     # would only be noise in front of the run's output and of one-line errors

@@ -1,7 +1,7 @@
 """The reference fine-tuning recipe: ``dist-adapters train CONFIG.yaml``.
 
 One process or many, the same loop: build (or load) the model, inject the adapter, hand the model
-to the strategy's setup function (``STRATEGIES``), and run optimizer steps whose samples depend
+to the strategy's setup (its row of ``parallel/strategies.py``), and run optimizer steps whose samples depend
 only on (seed, step, global batch). The loss of a step is the sum of token losses over the whole
 global batch divided by its number of target tokens, however the batch is split into ranks and
 micro batches, so every strategy and world size trains the same adapter (to rounding).
@@ -22,30 +22,34 @@ from ..checkpoint.atomic import atomic_write_text
 from ..checkpoint.peft_format import save_adapter
 from ..inject import inject
 from ..launcher import DistInfo, init_distributed
-from ..parallel.state import barrier
-from ..parallel.ddp import setup_ddp
-from ..parallel.engine import setup_none
-from ..parallel.deepspeed import setup_zero1, setup_zero2, setup_zero3
-from ..parallel.fsdp import setup_fsdp1, setup_fsdp2
-from ..parallel.tensor import setup_fsdp2_tp, setup_tp
+from ..parallel.engine import EngineConfig
+from ..parallel.strategies import STRATEGIES
+from ..process_group import barrier
 from . import builtin, loftq, quantization
 from .checkpoint import load_checkpoint, read_state, resume_source, save_checkpoint
 from .config import RecipeError, adapter_config, check_world
 from .data import TextData, global_batch_indices, micro_batches, read_jsonl
 
-# parallel.strategy -> setup function (dist_adapters/parallel/); engines register here as they land.
-STRATEGIES = {"none": setup_none, "ddp": setup_ddp, "fsdp1": setup_fsdp1, "fsdp2": setup_fsdp2,
-              "zero1": setup_zero1, "zero2": setup_zero2, "zero3": setup_zero3,
-              "tp": setup_tp, "fsdp2_tp": setup_fsdp2_tp}
-NEEDS_PROCESS_GROUP = set(STRATEGIES) - {"none"}  # a world of 1 still gets a (local) group
+
+def engine_config(cfg: dict, accumulation: int) -> EngineConfig:
+    """The typed configuration the engines read, from the recipe's sections."""
+    parallel, train_cfg = cfg["parallel"], cfg["train"]
+    precision = parallel["mixed_precision"]
+    return EngineConfig(micro_batch_size=train_cfg["micro_batch_size"], accumulation=accumulation,
+                        max_grad_norm=train_cfg["max_grad_norm"], tp_size=parallel["tp_size"],
+                        use_orig_params=parallel["use_orig_params"],
+                        activation_checkpointing=parallel["activation_checkpointing"],
+                        mixed_precision=getattr(torch, precision) if precision else None,
+                        deepspeed_config=parallel["deepspeed_config"])
 
 
 def preflight(cfg: dict, world_size: int) -> list[str]:
     """Every check that can fail on user input, run once before any process is launched.
     Returns the data texts (read and validated)."""
-    strategy = cfg["parallel"]["strategy"]
-    if strategy == "none" and world_size > 1:
-        raise RecipeError("parallel.strategy 'none' runs one process; use strategy ddp or launch.nproc_per_node: 1")
+    strategy = STRATEGIES[cfg["parallel"]["strategy"]]
+    if not strategy.multi_process and world_size > 1:
+        raise RecipeError(f"parallel.strategy {strategy.name!r} runs one process; use strategy ddp or "
+                          "launch.nproc_per_node: 1")
     if cfg["model"]["quantization"] is not None:
         quantization.settings(cfg)
     if cfg["model"]["path"] is not None and not os.path.isdir(cfg["model"]["path"]):
@@ -54,6 +58,10 @@ def preflight(cfg: dict, world_size: int) -> list[str]:
     adapter_cfg = adapter_config(cfg)
     if loftq.wants_loftq(adapter_cfg):
         loftq.check(cfg, adapter_cfg)
+    if getattr(adapter_cfg, "modules_to_save", None) and not strategy.modules_to_save:
+        supported = ", ".join(name for name, s in STRATEGIES.items() if s.modules_to_save)
+        raise RecipeError(f"adapter.modules_to_save is not supported under parallel.strategy {strategy.name!r} "
+                          f"(a trainable full copy of a sharded layer); use one of: {supported}")
     out = cfg["train"]["output_dir"]
     try:
         os.makedirs(out, exist_ok=True)
@@ -76,11 +84,10 @@ def _load_model(cfg: dict, accumulation: int, world_size: int, device: torch.dev
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     partitioned = None
-    if cfg["parallel"]["strategy"] == "zero3" and not full:
-        # load straight into ZeRO-3 partitions (zero.Init): no rank holds the whole model
-        from ..parallel.deepspeed import partitioned_loading, zero_config
-
-        partitioned = partitioned_loading(zero_config(cfg["parallel"], 3, cfg["train"], world_size, accumulation))
+    loading_context = STRATEGIES[cfg["parallel"]["strategy"]].loading_context
+    if loading_context is not None and not full:
+        # e.g. ZeRO-3: load straight into partitions (zero.Init), no rank holds the whole model
+        partitioned = loading_context(engine_config(cfg, accumulation), world_size)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if cfg["model"]["quantization"] is not None and not full:
@@ -164,8 +171,8 @@ def train(cfg: dict) -> dict:
     """Run the recipe in this process (one rank of the job). Returns a summary on every rank."""
     from tqdm import tqdm
 
-    dist = init_distributed(cfg["launch"]["timeout_minutes"],
-                            need_group=cfg["parallel"]["strategy"] in NEEDS_PROCESS_GROUP)
+    dist = init_distributed(cfg["launch"]["timeout_minutes"],  # a world of 1 still gets a (local) group
+                            need_group=STRATEGIES[cfg["parallel"]["strategy"]].multi_process)
     try:
         texts = preflight(cfg, dist.world_size)
         summary = _train(cfg, dist, texts, tqdm)
@@ -211,7 +218,8 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
     # from_pretrained (model.path, QLoRA, LoftQ) returns the model in eval mode, which would turn
     # off lora_dropout and transformers' activation checkpointing without a word
     model.train()
-    engine = STRATEGIES[cfg["parallel"]["strategy"]](model, make_optimizer_factory(tr), dist, cfg, accumulation)
+    engine = STRATEGIES[cfg["parallel"]["strategy"]].setup(model, make_optimizer_factory(tr), dist,
+                                                            engine_config(cfg, accumulation))
     data = TextData(texts, tokenizer, cfg["data"]["seq_len"])
     start = 0
     source = resume_source(cfg)
@@ -246,7 +254,7 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
                     engine.backward(loss * gradient_scale(engine, total))
                     loss_sum += loss.detach()
             step_loss = (_all_reduce_sum(loss_sum, dist) / replica_copies(engine, dist) / total).item()
-            grad_norm = engine.step(tr["max_grad_norm"])
+            grad_norm = engine.finish_step()
             first_loss = step_loss if first_loss is None else first_loss
             last_loss = step_loss
             if metrics is not None:

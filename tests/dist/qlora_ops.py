@@ -88,7 +88,8 @@ if engine == "zero3":
             grads[n] = safe_get_full_grad(p)
 else:
     loss.backward()
-    from dist_adapters.parallel.state import clean_name, read_full
+    from dist_adapters.names import clean_name
+    from dist_adapters.parallel.access import read_full
 
     if engine == "fsdp1":
         # gradients of the adapter units, gathered unit by unit

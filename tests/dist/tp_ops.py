@@ -12,7 +12,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dist_adapters as da  # noqa: E402
 from dist_adapters.parallel import tensor  # noqa: E402
-from dist_adapters.parallel.state import is_dtensor, read_full  # noqa: E402
+from dist_adapters.parallel.access import read_full  # noqa: E402
+from dist_adapters.parallel.dtensor import is_dtensor  # noqa: E402
 from helpers import (expected_merged, input_ids, leave_process_group, merged_flags,  # noqa: E402
                      randomize_trainable, tiny_llama)
 

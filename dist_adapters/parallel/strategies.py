@@ -1,0 +1,95 @@
+"""The strategy table: every ``parallel.strategy`` of the recipe, once. Each row names the setup
+that builds its engine and what the strategy can do; the recipe's validation, its training loop
+and the README's strategy table (checked by tests/test_architecture.py) all read this table.
+
+Adding a strategy is adding a row (docs/architecture.md, "How to add an engine").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import nn
+
+from . import ddp, deepspeed, fsdp, tensor
+from .engine import Engine, EngineConfig, MakeOptimizer
+
+Setup = Callable[[nn.Module, MakeOptimizer, object, EngineConfig], Engine]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    setup: Setup  # (model with adapters injected, make_optimizer, DistInfo, EngineConfig) -> Engine
+    summary: str  # what runs (README)
+    command: str  # a command line that runs it (README)
+    multi_process: bool = True  # needs a process group (even at world size 1)
+    tensor_parallel: bool = False  # parallel.tp_size applies; tp ranks share samples
+    shards_parameters: bool = False  # packed 4-bit weights shard with the rest (quant_storage default)
+    quantization: bool = False  # QLoRA verified (tests/test_quantized.py)
+    modules_to_save: bool = True  # a trainable full copy of a module can train under it
+    # called with (config, world size) before the model loads; the returned object is kept
+    # alive while transformers' from_pretrained runs (ZeRO-3: load straight into partitions)
+    loading_context: Optional[Callable[[EngineConfig, int], object]] = None
+
+
+def _none(model, make_optimizer, dist, config) -> Engine:
+    return Engine(model.to(dist.device), make_optimizer, dist, config)
+
+
+def _fsdp2_tp(model, make_optimizer, dist, config) -> Engine:
+    """2-D mesh (dp, tp): ``tensor.parallelize`` over tp, then FSDP2 over dp on top."""
+    dp = dist.world_size // config.tp_size
+    mesh = tensor.mesh_2d(dp, config.tp_size, dist.device)
+    tensor.parallelize(model.to(dist.device), mesh["tp"])
+    return fsdp.FSDP2Engine(model, make_optimizer, dist, config, mesh=mesh["dp"],
+                            data_parallel=(mesh.get_local_rank("dp"), dp))
+
+
+def _zero(stage: int) -> Setup:
+    def setup(model, make_optimizer, dist, config) -> Engine:
+        return deepspeed.ZeroEngine(model, make_optimizer, dist, config, stage)
+    return setup
+
+
+def _zero3_loading(config: EngineConfig, world_size: int):
+    return deepspeed.partitioned_loading(deepspeed.zero_config(config, 3, world_size))
+
+
+_DEMO = "dist-adapters train configs/demo.yaml"
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
+    Strategy("none", _none, "one process, the model as it is",
+             f"{_DEMO} --set parallel.strategy=none launch.nproc_per_node=1", multi_process=False, quantization=True),
+    Strategy("ddp", ddp.DDPEngine, "torch DDP: adapter gradients all-reduced, accumulation with `no_sync`; "
+             "the demo config's 2 processes", _DEMO, quantization=True),
+    Strategy("fsdp1", fsdp.FSDP1Engine, "FSDP1, adapter leaves in their own units (`use_orig_params: false` works)",
+             "dist-adapters train configs/fsdp1.yaml", shards_parameters=True, quantization=True),
+    Strategy("fsdp2", fsdp.FSDP2Engine, "FSDP2 `fully_shard` per block, then the root",
+             "dist-adapters train configs/fsdp2.yaml", shards_parameters=True, quantization=True),
+    Strategy("zero1", _zero(1), "DeepSpeed ZeRO-1: optimizer state partitioned",
+             "dist-adapters train configs/zero3.yaml --set parallel.strategy=zero1"),
+    Strategy("zero2", _zero(2), "DeepSpeed ZeRO-2: optimizer state and gradients partitioned",
+             "dist-adapters train configs/zero3.yaml --set parallel.strategy=zero2"),
+    Strategy("zero3", _zero(3), "DeepSpeed ZeRO-3: parameters too; `model.path` loads straight into partitions",
+             "dist-adapters train configs/zero3.yaml", shards_parameters=True, quantization=True,
+             loading_context=_zero3_loading),
+    Strategy("tp", tensor.TPEngine,
+             "DTensor tensor parallel over all ranks (`parallel.tp_size` = world size); every rank sees the same "
+             "samples", "dist-adapters train configs/tp.yaml", tensor_parallel=True, modules_to_save=False),
+    Strategy("fsdp2_tp", _fsdp2_tp,
+             "2-D mesh (dp x tp): tensor parallel inside groups of `tp_size` ranks, FSDP2 across them",
+             "dist-adapters train configs/tp.yaml --set parallel.strategy=fsdp2_tp parallel.tp_size=2",
+             tensor_parallel=True, modules_to_save=False),
+]}
+
+
+def markdown_table() -> str:
+    """The README's strategy table, generated from ``STRATEGIES``."""
+    def mark(flag: bool) -> str:
+        return "yes" if flag else "no"
+
+    rows = ["| strategy | what runs | QLoRA | modules_to_save | command |", "| --- | --- | --- | --- | --- |"]
+    rows += [f"| `{s.name}` | {s.summary} | {mark(s.quantization)} | {mark(s.modules_to_save)} | `{s.command}` |"
+             for s in STRATEGIES.values()]
+    return "\n".join(rows)
