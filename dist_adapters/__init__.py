@@ -1,5 +1,5 @@
 """dist_adapters: LoRA, trainable tokens and modules_to_save built to run sharded, saved in the
-Hugging Face PEFT format. Public API (see DESIGN.md); nothing else is exported here.
+Hugging Face PEFT format. The public API (README, "The Python API"); nothing else is exported here.
 
 The names resolve on first use (PEP 562), so that command-line tools that need only part of
 the package (``dist-adapters consolidate`` / ``inspect``) do not pay for importing all of it.

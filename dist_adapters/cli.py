@@ -173,13 +173,13 @@ def cmd_loftq(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .launch_cmd import run, spec_from_recipe
-    from .launcher import under_launcher
+    from .launcher import is_launched
     from .recipe.config import launch_world_size, load_recipe
     from .recipe.train import peft_snippet, preflight, train
 
     cfg = load_recipe(args.config, args.overrides)
     launch = cfg["launch"]
-    if not under_launcher():
+    if not is_launched():
         preflight(cfg, launch_world_size(launch))  # fail here, once, before any rank starts
         if (launch["nproc_per_node"] > 1 or launch["nnodes"] > 1 or launch["launcher"] != "torchrun"
                 or launch["max_restarts"] or launch["master_addr"]):
@@ -189,7 +189,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 _print_done(cfg, peft_snippet)
             return code
     summary = train(cfg)
-    if not under_launcher():
+    if not is_launched():
         _print_done(cfg, peft_snippet)
     return 0 if summary else 1
 

@@ -199,7 +199,7 @@ def _deepspeed(spec, is_module, target):
         cmd += [f"--hostfile={spec.hostfile}", f"--num_nodes={len(hosts)}"]
         if spec.master_addr:
             cmd.append(f"--master_addr={spec.master_addr}")
-    # on CPU the launcher would start one process per NUMA node without it (FIELD-NOTES)
+    # on CPU the launcher would start one process per NUMA node without it (docs/field-notes.md)
     cmd.append(f"--num_gpus={spec.nproc_per_node}")
     import torch  # here, not at the top: building command lines must not cost a torch import
 
@@ -239,15 +239,16 @@ def _srun(spec, is_module, target):
 
 # ----------------------------------------------------------------------------- rank discovery
 
-def discover() -> bool:
-    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from whichever launcher
-    started this process: torchrun and deepspeed set them already; OpenMPI (OMPI_COMM_WORLD_*),
-    MPICH / Intel MPI (PMI_*), Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first host of
-    SLURM_JOB_NODELIST). Returns True when this process is one rank of a launched job."""
-    env = os.environ
+def launcher_env(env=None) -> Optional[dict[str, str]]:
+    """The RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT that whichever launcher
+    started this process implies, or None when no launcher did. Reads ``env`` (default
+    ``os.environ``), changes nothing: torchrun and deepspeed set the variables already; OpenMPI
+    (OMPI_COMM_WORLD_*), MPICH / Intel MPI (PMI_*), Slurm (SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID, the first host of SLURM_JOB_NODELIST) name them their own way."""
+    env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return True
-    found = None
+        return {}
+    found, extra = None, {}
     if "OMPI_COMM_WORLD_RANK" in env:
         found = (env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"], env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
     elif "PMI_RANK" in env and "PMI_SIZE" in env:
@@ -256,20 +257,31 @@ def discover() -> bool:
         found = (env["SLURM_PROCID"], env["SLURM_NTASKS"], env.get("SLURM_LOCALID", "0"))
         if "MASTER_ADDR" not in env:
             nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
-            env["MASTER_ADDR"] = nodes[0]
+            extra["MASTER_ADDR"] = nodes[0]
         # a port derived from the job id: the same on every task, different between jobs
-        env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        extra["MASTER_PORT"] = env.get("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
     if found is None:
+        return None
+    implied = {"RANK": found[0], "WORLD_SIZE": found[1], "LOCAL_RANK": found[2], **extra}
+    implied.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
+    implied.setdefault("MASTER_PORT", env.get("MASTER_PORT", str(DEFAULT_PORT)))
+    return implied
+
+
+def is_launched() -> bool:
+    """True when a launcher started this process as one rank of a job (reads the environment only)."""
+    return launcher_env() is not None
+
+
+def discover() -> bool:
+    """Write into ``os.environ`` the rank variables ``launcher_env`` finds (what
+    ``torch.distributed``'s env:// rendezvous reads). Returns True when this process is one rank
+    of a launched job."""
+    implied = launcher_env()
+    if implied is None:
         return False
-    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = found
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(DEFAULT_PORT))
+    os.environ.update(implied)
     return True
-
-
-def under_launcher() -> bool:
-    """True when a launcher already started this process as one rank of a job."""
-    return discover()
 
 
 def init_distributed(timeout_minutes: float = 30, need_group: bool = False) -> DistInfo:

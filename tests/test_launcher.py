@@ -125,6 +125,17 @@ def test_rank_discovery_from_each_launcher(monkeypatch):
     assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
 
 
+def test_is_launched_only_reads_the_environment(monkeypatch):
+    from dist_adapters.launcher import is_launched
+
+    given = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"}
+    env = dict(given)
+    monkeypatch.setattr(os, "environ", env)
+    assert is_launched() and env == given  # discover() is the one that writes RANK etc.
+    monkeypatch.setattr(os, "environ", {"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    assert not is_launched()
+
+
 def test_command_is_an_argv_list_not_a_shell_string():
     cmd, _ = command(LaunchSpec(nproc_per_node=2), ["train.py", "--name", "a b; echo x"])
     assert cmd[-3:] == ["train.py", "--name", "a b; echo x"]

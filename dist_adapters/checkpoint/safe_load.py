@@ -1,4 +1,4 @@
-"""Reading other programs' checkpoints without running their code (shard rule 5).
+"""Reading other programs' checkpoints without running their code (rule 5 of docs/architecture.md).
 
 Two kinds of pickle arrive here:
 

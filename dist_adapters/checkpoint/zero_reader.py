@@ -200,8 +200,8 @@ class ZeroCheckpoint:
                                       f"need {offset} (mismatched world size or shapes)")
 
     # -- reading ----------------------------------------------------------------------------------
-    def _flat(self, r: int, start: int, length: int, groups: list[np.ndarray]) -> np.ndarray:
-        """``length`` values from ``start`` of rank r's groups laid end to end (stage 3)."""
+    def _flat(self, start: int, length: int, groups: list[np.ndarray]) -> np.ndarray:
+        """``length`` values from ``start`` of one rank's groups laid end to end (stage 3)."""
         pieces, base = [], 0
         for t in groups:
             lo, hi = max(start, base), min(start + length, base + t.size)
@@ -227,7 +227,7 @@ class ZeroCheckpoint:
             flat = np.concatenate(pieces)
         else:
             piece = math.ceil(numel / self.world_size)
-            flat = np.concatenate([self._flat(r, start, piece, self.groups[r]) for r in range(self.world_size)])[:numel]
+            flat = np.concatenate([self._flat(start, piece, self.groups[r]) for r in range(self.world_size)])[:numel]
         return np.array(flat.reshape(shape))  # a copy: the memory maps are released
 
     def describe(self) -> dict:

@@ -291,6 +291,28 @@ def select_targets(headers: dict, target_modules) -> list[str]:
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)$")  # never copied: W is replaced
 
 
+def _checked_model_config(model_dir: str, out_dir: str, bits: int, r: int, iters: int) -> dict:
+    """The model's config.json (empty when absent), after the checks that can fail on input."""
+    if not os.path.isdir(model_dir):
+        raise LoftQInputError(f"model directory {model_dir!r} does not exist")
+    if bits not in (2, 4, 8):
+        raise LoftQInputError(f"--bits must be 2, 4 or 8, got {bits}")
+    if r < 1 or iters < 1:
+        raise LoftQInputError(f"rank and iters must be >= 1, got rank={r}, iters={iters}")
+    src, out = os.path.realpath(model_dir), os.path.realpath(out_dir)
+    if out == src or out.startswith(src + os.sep):
+        raise LoftQInputError(f"output {out_dir!r} is the model directory or inside it; the source is never modified")
+    cfg_path = os.path.join(model_dir, "config.json")
+    cfg = {}
+    if os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    if cfg.get("quantization_config"):
+        raise LoftQInputError(f"{model_dir!r} is already quantized (config.json has quantization_config); "
+                              "LoftQ needs the full-precision weights")
+    return cfg
+
+
 def loftq_model_dir(model_dir: str, out_dir: str, bits: int = 4, r: int = 16, iters: int = 1,
                     lora_alpha: Optional[float] = None, target_modules="all-linear", svd: str = "auto",
                     quantizer: str = "torch", fan_in_fan_out: Optional[bool] = None, progress: bool = True) -> dict:
@@ -304,24 +326,9 @@ def loftq_model_dir(model_dir: str, out_dir: str, bits: int = 4, r: int = 16, it
     from ..checkpoint.atomic import atomic_path
     from ..config import LoraConfig
 
-    if not os.path.isdir(model_dir):
-        raise LoftQInputError(f"model directory {model_dir!r} does not exist")
-    if bits not in (2, 4, 8):
-        raise LoftQInputError(f"--bits must be 2, 4 or 8, got {bits}")
-    if r < 1 or iters < 1:
-        raise LoftQInputError(f"rank and iters must be >= 1, got rank={r}, iters={iters}")
-    src, out = os.path.realpath(model_dir), os.path.realpath(out_dir)
-    if out == src or out.startswith(src + os.sep):
-        raise LoftQInputError(f"output {out_dir!r} is the model directory or inside it; the source is never modified")
+    cfg = _checked_model_config(model_dir, out_dir, bits, r, iters)
+    out = os.path.realpath(out_dir)
     files = TensorFiles(model_dir)
-    cfg_path = os.path.join(model_dir, "config.json")
-    cfg = {}
-    if os.path.isfile(cfg_path):
-        with open(cfg_path, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-    if cfg.get("quantization_config"):
-        raise LoftQInputError(f"{model_dir!r} is already quantized (config.json has quantization_config); "
-                              "LoftQ needs the full-precision weights")
     headers = {k: v for f in files.files for k, v in read_header(f)[0].items() if k != "__metadata__"}
     targets = set(select_targets(headers, target_modules))
     if fan_in_fan_out is None:  # transformers' Conv1D (GPT-2) stores weights as [in, out]

@@ -26,6 +26,7 @@ class Strategy:
     command: str  # a command line that runs it (README)
     multi_process: bool = True  # needs a process group (even at world size 1)
     tensor_parallel: bool = False  # parallel.tp_size applies; tp ranks share samples
+    data_parallel: bool = True  # False: all ranks hold one model (tp_size must be the world size)
     shards_parameters: bool = False  # packed 4-bit weights shard with the rest (quant_storage default)
     quantization: bool = False  # QLoRA verified (tests/test_quantized.py)
     modules_to_save: bool = True  # a trainable full copy of a module can train under it
@@ -76,7 +77,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
              loading_context=_zero3_loading),
     Strategy("tp", tensor.TPEngine,
              "DTensor tensor parallel over all ranks (`parallel.tp_size` = world size); every rank sees the same "
-             "samples", "dist-adapters train configs/tp.yaml", tensor_parallel=True, modules_to_save=False),
+             "samples", "dist-adapters train configs/tp.yaml", tensor_parallel=True, data_parallel=False,
+             modules_to_save=False),
     Strategy("fsdp2_tp", _fsdp2_tp,
              "2-D mesh (dp x tp): tensor parallel inside groups of `tp_size` ranks, FSDP2 across them",
              "dist-adapters train configs/tp.yaml --set parallel.strategy=fsdp2_tp parallel.tp_size=2",

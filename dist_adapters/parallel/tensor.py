@@ -133,7 +133,7 @@ def parallelize(model: nn.Module, mesh=None, plan: Optional[dict] = None) -> nn.
                 _distribute(factor, mesh, _placement(a_spec))
             for factor in module.lora_B.values():
                 _distribute(factor, mesh, _placement(b_spec))
-    _retie(model, ties)
+    _retie(ties)
     # every other trainable tensor (token rows, embedding LoRA, LoRA outside the plan) is replicated
     for name, module in model.named_modules():
         for pname, p in list(module.named_parameters(recurse=False)):
@@ -183,7 +183,7 @@ def _tied_weights(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     return [group for group in owners.values() if len(group) > 1]
 
 
-def _retie(model: nn.Module, ties) -> None:
+def _retie(ties) -> None:
     # each tied module was sharded on its own; point all of them at the first one's DTensor (the
     # vocab embedding and the lm_head both hold Shard(0) of the same [V, d] weight)
     for group in ties:

@@ -194,9 +194,10 @@ def data_parallel_size(cfg: dict, world_size: int) -> int:
             with_tp = " or ".join(name for name, s in STRATEGIES.items() if s.tensor_parallel)
             raise RecipeError(f"parallel.tp_size {tp} needs parallel.strategy {with_tp}, not {strategy!r}")
         return world_size
-    if strategy == "tp" and tp != world_size:
-        raise RecipeError(f"parallel.strategy tp runs one model over all ranks: parallel.tp_size ({tp}) must equal "
-                          f"the world size ({world_size}); for data parallel x tensor parallel use fsdp2_tp")
+    if not STRATEGIES[strategy].data_parallel and tp != world_size:
+        both = " or ".join(name for name, s in STRATEGIES.items() if s.tensor_parallel and s.data_parallel)
+        raise RecipeError(f"parallel.strategy {strategy} runs one model over all ranks: parallel.tp_size ({tp}) must "
+                          f"equal the world size ({world_size}); for data parallel x tensor parallel use {both}")
     if world_size % tp:
         raise RecipeError(f"parallel.tp_size ({tp}) must divide the world size ({world_size})")
     return world_size // tp

@@ -115,14 +115,15 @@ def _lr_at(step: int, train: dict) -> float:
     return lr
 
 
-def _all_reduce_sum(value: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+# The loss normalisation, in four named pieces (tests/dist/recipe_fault.py breaks each one on
+# purpose to show that the equivalence tests notice).
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum over all ranks (in place); the value itself in one process."""
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(value)
     return value
 
 
-# The loss normalisation, in three named pieces (tests/dist/recipe_fault.py breaks each one on
-# purpose to show that the equivalence tests notice).
 def replica_copies(engine, dist: DistInfo) -> int:
     """How many ranks hold each sample: 1, or the tensor-parallel size (tp ranks share samples),
     so a sum over all ranks counts each sample this many times."""
@@ -132,7 +133,7 @@ def replica_copies(engine, dist: DistInfo) -> int:
 def global_target_tokens(batches, engine, dist: DistInfo) -> float:
     """Tokens that carry loss in the whole global batch (all ranks, all micro batches)."""
     local = torch.tensor(float(sum(b.target_tokens() for b in batches)), device=dist.device)
-    return _all_reduce_sum(local, dist).item() / replica_copies(engine, dist)
+    return all_reduce_sum(local).item() / replica_copies(engine, dist)
 
 
 def gradient_scale(engine, total: float) -> float:
@@ -188,10 +189,10 @@ def train(cfg: dict) -> dict:
     return summary
 
 
-def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
-    tr = cfg["train"]
-    out = tr["output_dir"]
-    accumulation = check_world(cfg, dist.world_size)
+def _adapted_model(cfg: dict, dist: DistInfo, accumulation: int):
+    """(model with the adapter injected, in train mode; tokenizer). Writes OUTPUT/base_model for
+    the built-in model and for LoftQ (whose base becomes Q)."""
+    tr, out = cfg["train"], cfg["train"]["output_dir"]
     adapter_cfg = adapter_config(cfg)
     use_loftq = loftq.wants_loftq(adapter_cfg)
     model, tokenizer = _load_model(cfg, accumulation, dist.world_size, dist.device, full=use_loftq)
@@ -214,10 +215,35 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
                                                 getattr(torch, cfg["model"]["dtype"]), dist.device)
         torch.manual_seed(tr["seed"])  # same adapter init on every rank
         inject(model, adapter_cfg)
-
     # from_pretrained (model.path, QLoRA, LoftQ) returns the model in eval mode, which would turn
     # off lora_dropout and transformers' activation checkpointing without a word
     model.train()
+    return model, tokenizer
+
+
+def _train_step(engine, data: TextData, step: int, tr: dict, dist: DistInfo) -> tuple[float, float, float]:
+    """One optimizer step over the global batch of ``step``: (loss, grad norm, target tokens)."""
+    indices = global_batch_indices(step, len(data), tr["global_batch_size"], tr["seed"])
+    batches = [data.batch(mb).to(dist.device)
+               for mb in micro_batches(indices, engine.dp_rank, engine.dp_size, tr["micro_batch_size"])]
+    total = global_target_tokens(batches, engine, dist)
+    loss_sum = torch.zeros((), device=dist.device)
+    for i, batch in enumerate(batches):
+        with engine.accumulating(last_micro_step=i == len(batches) - 1):
+            logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
+                                   ignore_index=-100, reduction="sum")
+            engine.backward(loss * gradient_scale(engine, total))
+            loss_sum += loss.detach()
+    step_loss = (all_reduce_sum(loss_sum) / replica_copies(engine, dist) / total).item()
+    return step_loss, engine.finish_step(), total
+
+
+def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
+    tr = cfg["train"]
+    out = tr["output_dir"]
+    accumulation = check_world(cfg, dist.world_size)
+    model, tokenizer = _adapted_model(cfg, dist, accumulation)
     engine = STRATEGIES[cfg["parallel"]["strategy"]].setup(model, make_optimizer_factory(tr), dist,
                                                             engine_config(cfg, accumulation))
     data = TextData(texts, tokenizer, cfg["data"]["seq_len"])
@@ -241,20 +267,7 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
             lr = _lr_at(step, tr)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-            indices = global_batch_indices(step, len(data), tr["global_batch_size"], tr["seed"])
-            batches = [data.batch(mb).to(dist.device)
-                       for mb in micro_batches(indices, engine.dp_rank, engine.dp_size, tr["micro_batch_size"])]
-            total = global_target_tokens(batches, engine, dist)
-            loss_sum = torch.zeros((), device=dist.device)
-            for i, batch in enumerate(batches):
-                with engine.accumulating(last_micro_step=i == len(batches) - 1):
-                    logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
-                                           ignore_index=-100, reduction="sum")
-                    engine.backward(loss * gradient_scale(engine, total))
-                    loss_sum += loss.detach()
-            step_loss = (_all_reduce_sum(loss_sum, dist) / replica_copies(engine, dist) / total).item()
-            grad_norm = engine.finish_step()
+            step_loss, grad_norm, total = _train_step(engine, data, step, tr, dist)
             first_loss = step_loss if first_loss is None else first_loss
             last_loss = step_loss
             if metrics is not None:

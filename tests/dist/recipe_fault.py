@@ -70,8 +70,8 @@ elif mode == "loss_x2":
 elif mode == "no_copies":
     train.replica_copies = lambda engine, dist: 1
 elif mode == "double_allreduce":
-    once = train._all_reduce_sum
-    train._all_reduce_sum = lambda value, dist: once(once(value, dist), dist)
+    once = train.all_reduce_sum
+    train.all_reduce_sum = lambda value: once(once(value))
 elif mode != "none":
     sys.exit(f"recipe_fault.py: unknown mode {mode!r}")
 
