@@ -1,22 +1,11 @@
-"""The PEFT checkpoint format, both ways. The key mapping is the table below, implemented once
-in ``names.py`` (``to_peft_key`` / ``from_peft_key``, torch-free for the offline readers); every
-tensor is read and written through the engine access (``parallel/access.py``), so save and load
-work under every engine (rule 4 of docs/architecture.md).
+"""The PEFT checkpoint format, both ways. The key mapping (our parameter names <-> peft's file
+keys, with its table) lives once in ``names.py`` (``to_peft_key`` / ``from_peft_key``, torch-free
+for the offline readers); every tensor is read and written through the engine access
+(``parallel/access.py``), so save and load work under every engine (rule 4 of
+docs/architecture.md).
 
 A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or the
 older ``adapter_model.bin``); a non-default adapter is saved in ``<dir>/<adapter_name>/``.
-Keys are the model's parameter names with the prefix ``base_model.model.`` and the adapter name
-removed:
-
-    ours (in memory)                                  peft file
-    <m>.lora_A.<adapter>.weight                       base_model.model.<m>.lora_A.weight
-    <m>.lora_B.<adapter>.weight                       base_model.model.<m>.lora_B.weight
-    <m>.lora_embedding_A.<adapter>.weight             base_model.model.<m>.lora_embedding_A
-    <m>.lora_embedding_B.<adapter>.weight             base_model.model.<m>.lora_embedding_B
-    <m>.modules_to_save.<adapter>.<rest>              base_model.model.<m>.<rest>
-    <m>.base_layer.bias / <m>.bias (bias=all|lora_only) base_model.model.<m>.base_layer.bias / ...
-    <m>.trainable_tokens_delta.<adapter>.weight       base_model.model.<m>.trainable_tokens_delta (standalone)
-                                                      base_model.model.<m>.token_adapter.trainable_tokens_delta (with LoRA)
 
 A tied output head's token rows are the embedding's and are saved once, under the embedding.
 peft's standalone trainable tokens also write ``<head>.trainable_tokens_delta`` for a tied head;

@@ -54,6 +54,10 @@ class TokenRows(nn.Module):
     def place(self, x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor, mode: str,
               scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
         """``forward`` with the rows given as ``weight`` (this module's own, or a local view of it)."""
+        if base_out._is_view():
+            # autograd forbids changing some views in place (a sharded engine's output can be one):
+            # write into a copy of the activation, never of the V x d weight
+            base_out = base_out.clone()
         if mode == "embed":
             pos = torch.searchsorted(self.sorted_indices, x).clamp_(max=len(self.sorted_indices) - 1)
             hit = self.sorted_indices[pos] == x

@@ -16,7 +16,8 @@ dtypes differ), so the base stays bf16 and the adapters train in fp32.
 Collectives: forward all-gathers each unit/group's shards (backward: the same all-gather again
 if resharded after forward); backward reduce-scatters gradients, and only trainable parameters
 have any, so the bytes reduced per step are the adapter's. Gathers for save, load and merge are
-per adapter unit (FSDP1 ``summon_full_params``) or per tensor (FSDP2 ``DTensor.full_tensor``),
+per adapter unit (FSDP1 ``summon_full_params``: ``FSDP1Access`` below) or per tensor (FSDP2's
+parameters are DTensors: ``DTensor.full_tensor``, by the DTensor access of ``dtensor.py``),
 entered by every rank in the same module order; the frozen model is never gathered to save.
 """
 

@@ -239,11 +239,9 @@ class TPEmbeddingFactor(EmbeddingFactor):
 class TPTokenRows(TokenRows):
     """Token rows replicated on every tp rank (no collective, as ``TPEmbeddingFactor``). The
     output of a tensor-parallel base is a view made by DTensor's ``to_local``, which autograd
-    forbids changing in place: the rows are written into a copy of the activation (never of the
-    V x d weight)."""
+    forbids changing in place: ``place`` writes into a copy of it (never of the V x d weight)."""
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, mode: str = "embed", scale=None, bias=None):
-        base_out = base_out.clone() if base_out._is_view() else base_out
         return self.place(x, base_out, self.weight.to_local(), mode, scale, bias)
 
 
