@@ -205,6 +205,10 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     _one_line_error(cli("train", DEMO, "--set", "parallel.strategy=tp"),
                     "parallel.tp_size (1) must equal the world size (2)")
     _one_line_error(cli("train", DEMO, "--set", "parallel.tp_size=2"), "parallel.tp_size 2 needs parallel.strategy tp")
+    # capabilities from the strategy table (parallel/strategies.py), checked before any rank starts
+    _one_line_error(cli("train", DEMO, "--set", "parallel.strategy=tp", "parallel.tp_size=2",
+                        "adapter.modules_to_save=[lm_head]"),
+                    "adapter.modules_to_save is not supported under parallel.strategy 'tp'")
     _one_line_error(cli("train", DEMO, "--set", "parallel.strategy=fsdp2_tp", "parallel.tp_size=3"),
                     "parallel.tp_size (3) must divide the world size (2)")
     _one_line_error(cli("train", DEMO, "--set", f"train.resume_from={tmp_path}/none"), "does not exist")
