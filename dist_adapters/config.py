@@ -21,7 +21,7 @@ CONFIG_NAME = "adapter_config.json"
 
 # peft fields for methods we do not implement, with the value meaning "off". A JSON carrying any
 # other value is refused; the default is kept and written back.
-_UNSUPPORTED_LORA_FIELDS: dict[str, Any] = {
+UNSUPPORTED_LORA_FIELDS: dict[str, Any] = {
     "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
@@ -41,6 +41,16 @@ _UNSUPPORTED_LORA_FIELDS: dict[str, Any] = {
 
 def _is_off(value: Any, off: Any) -> bool:
     return value == off or (off is None and value in ({}, [], False))
+
+
+def unsupported_value(key: str, value) -> Optional[str]:
+    """Why ``value`` for the peft field ``key`` (a feature this project does not implement) is
+    refused, or None when it is that feature's "off" value. One wording for the Python API, the
+    JSON loader and the recipe."""
+    off = UNSUPPORTED_LORA_FIELDS[key]
+    if _is_off(value, off):
+        return None
+    return f"a peft feature dist_adapters does not implement; only {off!r} is accepted"
 
 
 @dataclass
@@ -171,12 +181,9 @@ class LoraConfig(_PeftConfigBase):
                 validate_token_indices(list(indices), f"LoraConfig.trainable_token_indices[{module!r}]")
         elif tti is not None:
             validate_token_indices(list(tti), "LoraConfig.trainable_token_indices")
-        for key, off in _UNSUPPORTED_LORA_FIELDS.items():
-            if key in self.extra and not _is_off(self.extra[key], off):
-                raise ValueError(
-                    f"adapter_config.json key {key!r}={self.extra[key]!r} is a peft feature dist_adapters "
-                    f"does not implement; only {off!r} is accepted"
-                )
+        for key in UNSUPPORTED_LORA_FIELDS:
+            if key in self.extra and unsupported_value(key, self.extra[key]):
+                raise ValueError(f"key {key!r}={self.extra[key]!r} is {unsupported_value(key, self.extra[key])}")
 
 
 @dataclass

@@ -111,3 +111,30 @@ def test_trained_adapter_roundtrip_through_peft_after_training(tmp_path):
     da.save_adapter(model, str(tmp_path))
     theirs = PeftModel.from_pretrained(MODELS["llama"](), str(tmp_path))
     assert max_diff(logits(theirs), logits(model)) <= LOGITS_TOL
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_get_the_mode_of_the_umask(tmp_path, umask, mode):
+    """Atomic writes (temporary file + rename) must not keep mkstemp's private 0600: a serving
+    process running as another user reads the adapter (issue 17, rule 6). Checked for the adapter
+    files, a consolidated copy of them, and a text file written through the same helper."""
+    import os
+    import stat
+
+    from dist_adapters.checkpoint.atomic import atomic_write_text
+    from dist_adapters.checkpoint.consolidate import consolidate
+    from helpers import tiny_llama
+
+    old = os.umask(umask)
+    try:
+        model = da.inject(tiny_llama(), da.LoraConfig(r=2, target_modules=["q_proj"]))
+        da.save_adapter(model, str(tmp_path / "adapter"))
+        consolidate(str(tmp_path / "adapter"), str(tmp_path / "copy"))
+        atomic_write_text(str(tmp_path / "notes.txt"), "x\n")
+    finally:
+        os.umask(old)
+    written = [tmp_path / "adapter" / "adapter_model.safetensors", tmp_path / "adapter" / "adapter_config.json",
+               tmp_path / "copy" / "adapter_model.safetensors", tmp_path / "copy" / "adapter_config.json",
+               tmp_path / "notes.txt"]
+    got = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert got == {name: oct(mode) for name in got} and len(got) == 5

@@ -242,3 +242,54 @@ def test_shipped_configs_are_valid(name):
         quantization.settings(cfg)
     if loftq.wants_loftq(adapter):
         loftq.check(cfg, adapter)
+
+
+def test_numbers_accept_every_spelling_of_int_and_float(tmp_path):
+    """YAML 1.1 reads 2e-4 and 1_024 as strings; the recipe reads them as numbers, in the file and
+    in --set (issue 17, rule 1), for the recipe's own keys and the adapter's LoraConfig fields."""
+    from dist_adapters.recipe.config import adapter_config, load_recipe
+
+    path = tmp_path / "sci.yaml"
+    path.write_text("train:\n  lr: 2e-4\n  weight_decay: 1E-2\n  steps: 1_000\n"
+                    "adapter:\n  r: '4'\n  lora_alpha: 8e0\n  target_modules: all-linear\n")
+    cfg = load_recipe(str(path))
+    assert (cfg["train"]["lr"], cfg["train"]["weight_decay"], cfg["train"]["steps"]) == (2e-4, 1e-2, 1000)
+    assert isinstance(cfg["train"]["steps"], int)
+    adapter = adapter_config(cfg)
+    assert (adapter.r, adapter.lora_alpha) == (4, 8.0)
+    cfg = load_recipe(DEMO, ["train.lr=5e-3", "data.seq_len=1_024", "train.max_grad_norm=5e-1",
+                             "adapter.lora_dropout=5e-2"])
+    assert (cfg["train"]["lr"], cfg["data"]["seq_len"], cfg["train"]["max_grad_norm"]) == (5e-3, 1024, 0.5)
+    assert adapter_config(cfg).lora_dropout == 0.05
+
+
+def test_value_errors_name_where_the_value_came_from(tmp_path):
+    from dist_adapters.recipe.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError) as got:  # from --set: the file is not to blame
+        load_recipe(DEMO, ["train.lr=fast"])
+    assert str(got.value) == "--set: train.lr must be a number > 0, got 'fast'"
+    with pytest.raises(RecipeError) as got:
+        load_recipe(DEMO, ["data.seq_len=1.5e3"])  # int() does not read it: still an error, named
+    assert str(got.value).startswith("--set: data.seq_len must be an integer >= 1")
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  warmup_steps: soon\n")
+    with pytest.raises(RecipeError) as got:
+        load_recipe(str(path), ["train.lr=1e-3"])  # another key from --set does not move the blame
+    assert str(got.value) == f"{path}: train.warmup_steps must be an integer >= 0, got 'soon'"
+
+
+def test_peft_options_we_do_not_implement_are_named_as_such():
+    """``adapter.use_dora: true`` is a peft feature this project does not implement, not an unknown
+    key (issue 17, rule 10); the same wording as the JSON loader's (tests/test_config.py,
+    test_json_errors_name_the_file_and_key); the off value is accepted."""
+    from dist_adapters.recipe.config import RecipeError, adapter_config, load_recipe
+
+    for assignment, value in (("adapter.use_dora=true", "True"), ("adapter.layer_replication=[[0, 1]]", "[[0, 1]]")):
+        with pytest.raises(RecipeError) as got:
+            adapter_config(load_recipe(DEMO, [assignment]))
+        key = assignment.split("=")[0]
+        assert str(got.value).startswith(f"{key}={value} is a peft feature dist_adapters does not implement")
+    assert adapter_config(load_recipe(DEMO, ["adapter.use_dora=false"])).extra == {"use_dora": False}
+    with pytest.raises(RecipeError, match="unknown key 'adapter.use_dorra'"):  # a typo stays a typo
+        load_recipe(DEMO, ["adapter.use_dorra=true"])

@@ -1,6 +1,8 @@
 """Atomic file writes: a temporary file in the target directory, fsync, then ``os.replace``.
 
 A reader (or a resumed job) sees either the old file or the complete new one, never a torn write.
+The file gets the mode an ordinary ``open`` would give it (0666 less the umask: 0644 under umask
+022), not ``mkstemp``'s private 0600, so a serving process running as another user can read it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,20 @@ import os
 import tempfile
 from contextlib import contextmanager
 from typing import Iterator
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (the only portable way to read it)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -22,6 +38,7 @@ def atomic_path(path: str) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

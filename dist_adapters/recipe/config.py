@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ..config import LoraConfig, TrainableTokensConfig
+from ..config import UNSUPPORTED_LORA_FIELDS, LoraConfig, TrainableTokensConfig, unsupported_value
 from ..parallel.strategies import STRATEGIES
 
 
@@ -63,8 +63,8 @@ def _merge(base: dict, override: dict, source: str) -> None:
             base[section][key] = value
 
 
-def apply_override(cfg: dict, assignment: str) -> None:
-    """``a.b=value`` with value parsed as YAML (numbers, booleans, null, lists)."""
+def apply_override(cfg: dict, assignment: str) -> str:
+    """``a.b=value`` with value parsed as YAML (numbers, booleans, null, lists); returns ``a.b``."""
     key, sep, raw = assignment.partition("=")
     if not sep or "." not in key:
         raise RecipeError(f"--set expects section.key=value, got {assignment!r}")
@@ -78,6 +78,7 @@ def apply_override(cfg: dict, assignment: str) -> None:
     except yaml.YAMLError as exc:
         raise RecipeError(f"--set {key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
     cfg[section][name] = value
+    return key
 
 
 def load_recipe(path: str, overrides: list[str] = ()) -> dict:
@@ -92,17 +93,60 @@ def load_recipe(path: str, overrides: list[str] = ()) -> dict:
         raise RecipeError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     cfg = copy.deepcopy(DEFAULTS)
     _merge(cfg, data, path)
+    where = Origins(path)
     for assignment in overrides:
-        apply_override(cfg, assignment)
-    validate(cfg, path)
+        where.overridden.add(apply_override(cfg, assignment))
+    coerce_numbers(cfg)
+    validate(cfg, where)
     return cfg
 
 
-def _positive_int(cfg: dict, key: str, source: str, minimum: int = 1) -> int:
+class Origins:
+    """Where a key's value came from, for error messages: the config file, or ``--set``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.overridden: set[str] = set()
+
+    def __call__(self, key: str) -> str:
+        """``key``: ``section.name``, or ``section.`` for any key of the section."""
+        hit = key in self.overridden or (key.endswith(".") and any(k.startswith(key) for k in self.overridden))
+        return "--set" if hit else self.path
+
+
+# Numeric options. YAML 1.1 (PyYAML) reads 5e-3 or 1_000 as strings, and --set values are YAML
+# too: every spelling Python's int() / float() accept is a number here.
+NUMBERS = {
+    "train.lr": float, "train.weight_decay": float, "train.max_grad_norm": float, "train.steps": int,
+    "train.global_batch_size": int, "train.micro_batch_size": int, "train.checkpoint_every": int,
+    "train.warmup_steps": int, "train.seed": int, "data.seq_len": int, "parallel.tp_size": int,
+    "launch.nproc_per_node": int, "launch.nnodes": int, "launch.node_rank": int, "launch.master_port": int,
+    "launch.max_restarts": int, "launch.timeout_minutes": float,
+}
+
+
+def _number(value, kind):
+    """``value`` as a ``kind`` when it is a string ``kind()`` reads; otherwise unchanged (the
+    validation then names it)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return kind(value.strip())
+    except ValueError:
+        return value
+
+
+def coerce_numbers(cfg: dict) -> None:
+    for key, kind in NUMBERS.items():
+        section, name = key.split(".")
+        cfg[section][name] = _number(cfg[section][name], kind)
+
+
+def _positive_int(cfg: dict, key: str, where: Origins, minimum: int = 1) -> int:
     section, name = key.split(".")
     value = cfg[section][name]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RecipeError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
+        raise RecipeError(f"{where(key)}: {key} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -111,58 +155,78 @@ def adapter_config(cfg: dict):
     section = dict(cfg["adapter"])
     cls = TrainableTokensConfig if section.pop("peft_type", "LORA") == "TRAINABLE_TOKENS" else LoraConfig
     fields = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-    for key in section:
-        if key not in fields:
-            raise RecipeError(f"unknown key 'adapter.{key}' (not a {cls.__name__} field)")
+    extra = {}
+    for key in list(section):
+        if key in fields:
+            continue
+        if cls is LoraConfig and key in UNSUPPORTED_LORA_FIELDS:  # peft's, as the JSON loader treats them
+            reason = unsupported_value(key, section[key])
+            if reason:
+                raise RecipeError(f"adapter.{key}={section[key]!r} is {reason}")
+            extra[key] = section.pop(key)
+            continue
+        raise RecipeError(f"unknown key 'adapter.{key}' (not a {cls.__name__} field)")
+    numeric = {f.name: {"int": int, "float": float}[f.type] for f in dataclasses.fields(cls)
+               if f.type in ("int", "float")}
+    section = {k: _number(v, numeric[k]) if k in numeric else v for k, v in section.items()}
     try:
-        return cls(**section)
+        return cls(**section, **({"extra": extra} if extra else {}))
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"adapter: {exc}") from None
 
 
-def validate(cfg: dict, source: str) -> None:
+def validate(cfg: dict, where) -> None:
+    """``where``: an ``Origins``, or the config file's path (every value from that file)."""
+    if isinstance(where, str):
+        where = Origins(where)
     train, par, launch = cfg["train"], cfg["parallel"], cfg["launch"]
     if par["strategy"] not in STRATEGIES:
-        raise RecipeError(f"{source}: unknown parallel.strategy {par['strategy']!r} (one of: {', '.join(STRATEGIES)})")
+        raise RecipeError(f"{where('parallel.strategy')}: unknown parallel.strategy {par['strategy']!r} "
+                          f"(one of: {', '.join(STRATEGIES)})")
     if cfg["model"]["dtype"] not in DTYPES:
-        raise RecipeError(f"{source}: model.dtype must be one of {', '.join(DTYPES)}, got {cfg['model']['dtype']!r}")
+        raise RecipeError(f"{where('model.dtype')}: model.dtype must be one of {', '.join(DTYPES)}, "
+                          f"got {cfg['model']['dtype']!r}")
     if par["mixed_precision"] not in (None, "bfloat16", "float16"):
-        raise RecipeError(f"{source}: parallel.mixed_precision must be null, bfloat16 or float16")
+        raise RecipeError(f"{where('parallel.mixed_precision')}: parallel.mixed_precision must be null, bfloat16 "
+                          "or float16")
     if train["lr_schedule"] not in SCHEDULES:
-        raise RecipeError(f"{source}: train.lr_schedule must be one of {', '.join(SCHEDULES)}")
+        raise RecipeError(f"{where('train.lr_schedule')}: train.lr_schedule must be one of {', '.join(SCHEDULES)}")
     if train["optimizer"] not in OPTIMIZERS:
-        raise RecipeError(f"{source}: train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {train['optimizer']!r}")
+        raise RecipeError(f"{where('train.optimizer')}: train.optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                          f"got {train['optimizer']!r}")
     clip = train["max_grad_norm"]
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
-        raise RecipeError(f"{source}: train.max_grad_norm must be a number >= 0 or null (no clipping), got {clip!r}")
+        raise RecipeError(f"{where('train.max_grad_norm')}: train.max_grad_norm must be a number >= 0 or null "
+                          f"(no clipping), got {clip!r}")
     for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "train.checkpoint_every",
                 "data.seq_len", "launch.nproc_per_node", "launch.nnodes", "parallel.tp_size"):
-        _positive_int(cfg, key, source)
-    _positive_int(cfg, "train.warmup_steps", source, minimum=0)
+        _positive_int(cfg, key, where)
+    _positive_int(cfg, "train.warmup_steps", where, minimum=0)
     if not isinstance(train["lr"], (int, float)) or train["lr"] <= 0:
-        raise RecipeError(f"{source}: train.lr must be a number > 0, got {train['lr']!r}")
+        raise RecipeError(f"{where('train.lr')}: train.lr must be a number > 0, got {train['lr']!r}")
     if train["global_batch_size"] % train["micro_batch_size"]:
-        raise RecipeError(f"{source}: train.global_batch_size ({train['global_batch_size']}) must be a multiple "
-                          f"of train.micro_batch_size ({train['micro_batch_size']})")
+        raise RecipeError(f"{where('train.')}: train.global_batch_size ({train['global_batch_size']}) must be a "
+                          f"multiple of train.micro_batch_size ({train['micro_batch_size']})")
     if launch["launcher"] not in ("torchrun", "deepspeed", "mpirun", "srun"):
-        raise RecipeError(f"{source}: launch.launcher must be torchrun, deepspeed, mpirun or srun")
-    _validate_launch(launch, source)
+        raise RecipeError(f"{where('launch.launcher')}: launch.launcher must be torchrun, deepspeed, mpirun or srun")
+    _validate_launch(launch, where)
     if not isinstance(train["output_dir"], str) or not train["output_dir"]:
-        raise RecipeError(f"{source}: train.output_dir must be a path")
+        raise RecipeError(f"{where('train.output_dir')}: train.output_dir must be a path")
     adapter_config(cfg)
 
 
-def _validate_launch(launch: dict, source: str) -> None:
+def _validate_launch(launch: dict, where: Origins) -> None:
     """The launcher's own checks (launcher.validate), reported under the recipe's key names."""
     from ..launch_cmd import spec_from_recipe
     from ..launcher import LaunchError, validate as validate_spec
 
     for key in ("node_rank", "max_restarts"):
         if isinstance(launch[key], bool) or not isinstance(launch[key], int):
-            raise RecipeError(f"{source}: launch.{key} must be an integer, got {launch[key]!r}")
+            raise RecipeError(f"{where('launch.' + key)}: launch.{key} must be an integer, got {launch[key]!r}")
     if launch["master_port"] is not None and (isinstance(launch["master_port"], bool)
                                               or not isinstance(launch["master_port"], int)):
-        raise RecipeError(f"{source}: launch.master_port must be an integer, got {launch['master_port']!r}")
+        raise RecipeError(f"{where('launch.master_port')}: launch.master_port must be an integer, "
+                          f"got {launch['master_port']!r}")
     try:
         validate_spec(spec_from_recipe(launch))
     except LaunchError as exc:
@@ -170,7 +234,7 @@ def _validate_launch(launch: dict, source: str) -> None:
         for flag in ("node-rank", "max-restarts", "master-addr", "master-port", "local-addr", "nnodes", "nproc-per-node",
                      "launcher", "hostfile"):
             message = message.replace(f"--{flag}", f"launch.{flag.replace('-', '_')}")
-        raise RecipeError(f"{source}: {message}") from None
+        raise RecipeError(f"{where('launch.')}: {message}") from None
 
 
 def launch_world_size(launch: dict) -> int:
