@@ -161,6 +161,8 @@ def _check_trainable(model: nn.Module) -> None:
 
 
 def _is_dtensor(p) -> bool:
+    # the same two lines as dtensor.is_dtensor: engine files do not import each other
+    # (docs/architecture.md), and a shared module for one isinstance would hide less than it costs
     return isinstance(p, DTensor) or isinstance(getattr(p, "data", None), DTensor)
 
 
