@@ -12,15 +12,29 @@ from typing import Iterator
 from torch import nn
 
 from .layers.registry import ADAPTER_LAYER_TYPES
-from .names import WRAPPER_CLASSES
+from .names import ENGINE_PACKAGES, WRAPPER_ATTRIBUTES, WRAPPER_CLASSES
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside engine wrappers that hold it in ``.module`` (``names.WRAPPER_CLASSES``).
+    """The user's model inside engine wrappers that hold it in ``.module`` (``names.WRAPPER_CLASSES``),
+    ``torch.compile``'s and activation checkpointing's wrappers (``names.WRAPPER_ATTRIBUTES``).
     Engines that need their wrapper for a gather find it themselves (``parallel/access.py``)."""
-    while type(model).__name__ in WRAPPER_CLASSES and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
+    while True:
+        kind = type(model).__name__
+        attribute = "module" if kind in WRAPPER_CLASSES else WRAPPER_ATTRIBUTES.get(kind)
+        inner = getattr(model, attribute, None) if attribute else None
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def model_class(model: nn.Module) -> type:
+    """The class the user's model was built as: FSDP2 turns ``Qwen3ForCausalLM`` into a generated
+    ``FSDPQwen3ForCausalLM``, which no model directory can be loaded with."""
+    for cls in type(unwrap(model)).__mro__:
+        if not cls.__module__.startswith(ENGINE_PACKAGES):
+            return cls
+    return type(unwrap(model))
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

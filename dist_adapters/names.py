@@ -39,6 +39,11 @@ MEGATRON_SHARDS_NAME = "shards.json"  # per TP rank in a save_megatron_shards di
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 WRAPPER_CLASSES = frozenset({"DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "PipelineEngine",
                              "FullyShardedDataParallel"})
+# Wrappers that hold the real model under another attribute (and add it to parameter names).
+WRAPPER_ATTRIBUTES = {"OptimizedModule": "_orig_mod", "CheckpointWrapper": "_checkpoint_wrapped_module"}
+# Packages whose classes an engine generates or puts around a model (FSDP2's ``FSDP<Model>``
+# subclass, compiled and checkpoint wrappers): never the class a model directory is loaded with.
+ENGINE_PACKAGES = ("torch.distributed.", "torch._dynamo.", "deepspeed.")
 
 _LORA_FACTOR = re.compile(r"^(?P<m>.+)\.(?P<kind>lora_A|lora_B)\.(?P<a>[^.]+)\.weight$")
 _EMB_FACTOR = re.compile(r"^(?P<m>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)\.(?P<a>[^.]+)\.weight$")

@@ -63,6 +63,30 @@ def assert_peft_reproduces(run_dir) -> None:
                                os.path.join(run_dir, "adapter")).eval()
         assert (theirs(input_ids=input_ids()).logits - ours(input_ids=input_ids()).logits).abs().max() <= LOGITS_TOL
         assert (ours(input_ids=input_ids()).logits - base_logits).abs().max() > 1e-3
+    assert_auto_peft_reproduces(run_dir)
+
+
+def assert_auto_peft_reproduces(run_dir) -> None:
+    """peft's ``AutoPeftModelForCausalLM.from_pretrained(run_dir/adapter)`` alone (it finds the base
+    from the config, and imports the class that ``auto_mapping`` names) gives our loader's logits:
+    issue 17, rule 2, for the adapter of every strategy."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    import dist_adapters as da
+    from helpers import LOGITS_TOL, input_ids
+
+    adapter = os.path.join(run_dir, "adapter")
+    with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as fh:
+        written = json.load(fh)
+    mapping = written.get("auto_mapping") or {}
+    assert not mapping.get("base_model_class", "").startswith("FSDP"), mapping
+    loaded = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+    ours = da.load_adapter(AutoModelForCausalLM.from_pretrained(written["base_model_name_or_path"]), adapter).eval()
+    with torch.no_grad():
+        assert (loaded(input_ids=input_ids()).logits - ours(input_ids=input_ids()).logits).abs().max() <= LOGITS_TOL
 
 
 def max_adapter_diff(a, b) -> float:

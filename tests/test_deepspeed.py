@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from helpers import LOGITS_TOL, WEIGHTS_TOL, input_ids, tiny_llama
 from equivalence import assert_equivalent
-from recipe_helpers import (ADAMW_TOL, DEMO, ROOT, SGD, SGD_TOL, assert_peft_reproduces, cli, max_adapter_diff,
-                            small)
+from recipe_helpers import (ADAMW_TOL, DEMO, ROOT, SGD, SGD_TOL, assert_auto_peft_reproduces, assert_peft_reproduces,
+                            cli, max_adapter_diff, small)
 
 RESUME_TOL = 3e-6  # measured 0.0 (2 -> 1 and 2 -> 2 ranks); 2.8e-7 under tp (test_tp.py)
 
@@ -40,6 +40,7 @@ def test_recipe_under_zero_equals_single_process(single_run, tmp_path_factory, s
     ckpt = out / "checkpoints" / "step_2"
     assert (ckpt / "deepspeed" / "latest").read_text().strip() == "state"
     assert (ckpt / "adapter_optimizer.pt").is_file()
+    assert_auto_peft_reproduces(out)
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])

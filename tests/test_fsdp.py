@@ -13,8 +13,8 @@ from peft import PeftModel
 import dist_adapters as da
 from helpers import LOGITS_TOL, WEIGHTS_TOL, input_ids, randomize_trainable, tiny_llama
 from equivalence import assert_equivalent
-from recipe_helpers import (ADAMW_TOL, ROOT, SGD, SGD_TOL, assert_peft_reproduces, max_adapter_diff, probed_run,
-                            train_run)
+from recipe_helpers import (ADAMW_TOL, ROOT, SGD, SGD_TOL, assert_auto_peft_reproduces, assert_peft_reproduces,
+                            max_adapter_diff, probed_run, train_run)
 
 RESUME_TOL = 3e-6  # measured 0.0 (2 -> 1 and 1 -> 2 ranks); 2.8e-7 under tp (test_tp.py)
 
@@ -37,6 +37,7 @@ def test_recipe_under_fsdp_equals_single_process(single_run, fsdp_runs, strategy
     assert_equivalent(out, single_run, ADAMW_TOL, f"{strategy}@2 vs none@1, AdamW")
     keys = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert keys["trainable_token_indices"] == [256, 257, 259]
+    assert_auto_peft_reproduces(out)
 
 
 @pytest.mark.parametrize("strategy, extra", [("fsdp1", {"parallel.use_orig_params": "true"}), ("fsdp2", {})],
@@ -57,6 +58,7 @@ def test_activation_checkpointing_really_recomputes_each_block(single_run, tmp_p
     assert probe["block_calls"] and set(probe["block_calls"].values()) == {2 * micro_steps}, probe
     assert probe["training"] == [True] and probe["base_dtypes"] == [["torch.float32", "torch.float32"]], probe
     assert_equivalent(tmp_path / "run", single_run, ADAMW_TOL, f"{strategy} {extra} + checkpointing@2 vs none@1")
+    assert_auto_peft_reproduces(tmp_path / "run")
 
 
 @pytest.mark.parametrize("strategy", ["fsdp1", "fsdp2"])

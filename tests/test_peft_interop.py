@@ -138,3 +138,43 @@ def test_written_files_get_the_mode_of_the_umask(tmp_path, umask, mode):
                tmp_path / "notes.txt"]
     got = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
     assert got == {name: oct(mode) for name in got} and len(got) == 5
+
+
+def _fsdp2_class_swap(model):
+    """What fully_shard does to the model's class (a generated ``FSDP<Model>`` subclass), without
+    a process group: the class name and module an adapter config must not record."""
+    from torch.distributed.fsdp import FSDPModule
+
+    generated = type(f"FSDP{type(model).__name__}", (FSDPModule, type(model)), {})
+    generated.__module__ = "torch.distributed.fsdp._fully_shard._fsdp_init"
+    model.__class__ = generated
+    return model
+
+
+@pytest.mark.parametrize("wrap", ["compiled", "checkpoint-wrapped", "fsdp2-class", "compiled-fsdp2-class"])
+def test_auto_peft_model_loads_what_a_wrapped_model_saved(wrap, tmp_path):
+    """adapter_config.json names the base model's own class, whatever wraps it (issue 17, rule 2):
+    peft's AutoPeftModelForCausalLM imports that class to load the base. The recipe's runs under
+    every strategy are checked by recipe_helpers.assert_peft_reproduces."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from helpers import tiny_llama
+
+    tiny_llama().save_pretrained(str(tmp_path / "base"))
+    model = da.inject(tiny_llama(), da.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                  base_model_name_or_path=str(tmp_path / "base")))
+    randomize_trainable(model)
+    expected = logits(model)
+    wrapped = {"compiled": lambda m: torch.compile(m), "checkpoint-wrapped": checkpoint_wrapper,
+               "fsdp2-class": _fsdp2_class_swap,
+               "compiled-fsdp2-class": lambda m: torch.compile(_fsdp2_class_swap(m))}[wrap](model)
+    assert type(wrapped).__name__ != "LlamaForCausalLM"
+    da.save_adapter(wrapped, str(tmp_path / "adapter"))
+    mapping = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["auto_mapping"]
+    assert mapping == {"base_model_class": "LlamaForCausalLM",
+                       "parent_library": "transformers.models.llama.modeling_llama"}
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()
+    assert max_diff(logits(loaded), expected) <= LOGITS_TOL

@@ -15,7 +15,8 @@ from dist_adapters.recipe.builtin import builtin_model, builtin_tokenizer
 from dist_adapters.recipe.data import global_batch_indices, micro_batches
 from dist_adapters.recipe.train import train
 from equivalence import assert_equivalent, metrics, transformers_loss
-from recipe_helpers import ADAMW_TOL, DEMO, SGD, SGD_TOL, adapter_tensors, cli, config, max_adapter_diff, small
+from recipe_helpers import (ADAMW_TOL, DEMO, SGD, SGD_TOL, adapter_tensors, assert_auto_peft_reproduces, cli, config,
+                            max_adapter_diff, small)
 
 LOSS_TOL = 1e-6  # relative; measured 7.8e-8 to 9.6e-8 (one forward of 8 rows vs micro batches of 2)
 
@@ -71,6 +72,8 @@ def test_none_world1_equals_ddp_world2(tmp_path):
         "train.micro_batch_size": 4, "parallel.strategy": "ddp", "launch.nproc_per_node": 2}))
     assert two.returncode == 0, two.stderr[-3000:]
     assert_equivalent(tmp_path / "two", tmp_path / "one", ADAMW_TOL, "none@1 vs ddp@2, LoRA only")
+    assert_auto_peft_reproduces(tmp_path / "one")  # strategy none
+    assert_auto_peft_reproduces(tmp_path / "two")  # ddp
     b = [v for k, v in adapter_tensors(tmp_path / "one").items() if "lora_B" in k]
     assert min(t.abs().max().item() for t in b) > 1e-3  # the adapters really trained
 

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 import dist_adapters as da
 from helpers import LOGITS_TOL, WEIGHTS_TOL, input_ids
 from equivalence import assert_equivalent
-from recipe_helpers import (ROOT, SGD, SGD_TOL, adapter_tensors, assert_peft_reproduces, max_adapter_diff,
-                            train_run)
+from recipe_helpers import (ROOT, SGD, SGD_TOL, adapter_tensors, assert_auto_peft_reproduces, assert_peft_reproduces,
+                            max_adapter_diff, train_run)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 # Adam divides by sqrt(v): rounding differences of ~1e-7 in the gradients of a tensor-parallel
@@ -100,6 +100,7 @@ def mesh_2x2_run(tmp_path_factory):
 
 def test_recipe_fsdp2_tp_on_a_2x2_mesh_equals_single_process(single_run, mesh_2x2_run):
     assert_equivalent(mesh_2x2_run, single_run, RECIPE_TOL, "fsdp2_tp (dp=2, tp=2, 4 ranks) vs none@1, AdamW")
+    assert_auto_peft_reproduces(mesh_2x2_run)
 
 
 def test_tp_adapter_loads_in_peft_with_single_process_logits(single_run, tp_run):

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import CONFIG_NAME, LoraConfig, load_config
-from ..control import adapter_configs, adapter_layers, get_config, unwrap
+from ..control import adapter_configs, adapter_layers, get_config, model_class, unwrap
 from ..inject import inject
 from ..layers.tokens import TiedTokensHead
 from ..names import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, clean_name, from_peft_key, to_peft_key, token_prefix
@@ -72,7 +72,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 
 def _auto_mapping(model: nn.Module) -> dict:
-    return {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    """What peft's ``AutoPeftModel*`` import the base model with: its own class, not an engine's."""
+    cls = model_class(model)
+    return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
 
 def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> str:
