@@ -76,13 +76,32 @@ def add_checkpoint_parsers(sub) -> None:
                        help="outer prefix of every key, e.g. 'model.' for a DCP saved as {'model': state_dict} "
                             "(accelerate's pytorch_model_fsdp_N/ is recognised by itself)")
     cons.add_argument("--config", default=None, help="adapter_config.json (or its directory) to write; default: "
-                                                     "found next to SRC or its run directory, else inferred")
+                                                     "found next to SRC or its run directory, else inferred from "
+                                                     "the shapes with --lora-alpha or --guess-alpha")
+    cons.add_argument("--lora-alpha", type=_number, default=None, metavar="A",
+                      help="lora_alpha of a checkpoint without adapter_config.json (the scaling alpha/r is in no "
+                           "tensor; r, rank_pattern and target_modules come from the shapes)")
+    cons.add_argument("--guess-alpha", action="store_true",
+                      help="without a config or --lora-alpha, write lora_alpha = r (scaling 1), knowing the "
+                           "adapter may then differ from the trained model")
+    cons.add_argument("--overwrite", action="store_true", help="replace the adapter in an existing, non-empty OUT")
     cons.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                       help="output dtype (default: as stored; ZeRO's fp32 masters stay fp32)")
     cons.add_argument("--split", action="append", default=[], metavar="FUSED=NAME:ROWS,...",
                       help="split a fused projection's LoRA into per-projection keys, e.g. "
                            "qkv_proj=q_proj:4096,k_proj:1024,v_proj:1024 (repeatable)")
     cons.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _number(text: str):
+    """An int or float in any spelling Python accepts (16, 1e1, 32.0); ints stay ints."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
 def _parse_split(items: list[str]) -> dict:
@@ -107,7 +126,8 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     warn = lambda msg: print(f"dist-adapters consolidate: warning: {msg}", file=sys.stderr)  # noqa: E731
     done = consolidate(args.src, args.out, tag=args.tag, config=args.config, dtype=args.dtype,
                        adapter_name=args.adapter_name, strip_prefix=args.strip_prefix,
-                       split=_parse_split(args.split), quiet=args.quiet, warn=warn)
+                       split=_parse_split(args.split), quiet=args.quiet, warn=warn, lora_alpha=args.lora_alpha,
+                       guess_alpha=args.guess_alpha, overwrite=args.overwrite)
     where = f", tag {done['tag']}" if done.get("tag") else ""
     print(f"{done['format']} ({done['world_size']} ranks{where}) -> {os.path.abspath(done['out'])}: "
           f"{done['tensors']} tensors, {done['bytes'] / 2**20:.2f} MiB, adapter {done['adapter_name']!r}, "
@@ -140,7 +160,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if info.get("config"):
         print("config\n" + json.dumps(info["config"], indent=2))
     else:
-        print("config             none found (consolidate would infer one from the shapes)")
+        print("config             none found (consolidate infers r and targets from the shapes; "
+              "lora_alpha needs --lora-alpha, --config or --guess-alpha)")
     return 0
 
 

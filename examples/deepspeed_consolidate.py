@@ -60,7 +60,8 @@ with torch.no_grad():
     trained = engine(input_ids=probe.to(engine.device)).logits.float().cpu()
 
 if rank == 0:
-    done = consolidate(os.path.join(args.out, "ckpt"), os.path.join(args.out, "adapter"), quiet=True)
+    # overwrite: a rerun with the same --out replaces this example's own adapter (the CLI asks for --overwrite)
+    done = consolidate(os.path.join(args.out, "ckpt"), os.path.join(args.out, "adapter"), quiet=True, overwrite=True)
     print(f"{done['format']}, {done['world_size']} ranks, tag {done['tag']}: {done['tensors']} tensors "
           f"-> {done['out']}")
     fresh = da.load_adapter(LlamaForCausalLM.from_pretrained(os.path.join(args.out, "base_model")),

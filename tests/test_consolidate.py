@@ -177,21 +177,62 @@ def test_single_state_dict_files(tmp_path):
         assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-def test_dtype_and_inferred_config(ckpts, tmp_path):
-    """--dtype bf16 converts; without any adapter_config.json the config is inferred from shapes
-    (r, rank_pattern, target_modules) with a warning, and peft loads it."""
+def _refused(res, *fragments):
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, \
+        res.stderr[-2000:]
+    assert all(f in res.stderr for f in fragments), res.stderr
+
+
+def test_dtype_and_inferred_config_never_guesses_alpha(ckpts, tmp_path):
+    """--dtype bf16 converts. Without any adapter_config.json, r, rank_pattern and target_modules
+    come from the shapes, but lora_alpha is in no tensor: conversion refuses and names --config,
+    --lora-alpha and --guess-alpha (issue 17, rule 3); --lora-alpha gives the trained model
+    (peft's logits), --guess-alpha writes alpha = r and says so; trainable tokens without a config
+    are refused even with --guess-alpha (their indices are in no tensor)."""
     src = tmp_path / "bare"
     shutil.copytree(ckpts["zero2-peft"] / "ckpt", src)  # no adapter_config.json anywhere above
-    got, res = _consolidate(src, tmp_path / "out", "--dtype", "bf16")
+    refused = cli("consolidate", str(src), str(tmp_path / "out"), "--quiet")
+    _refused(refused, "--config", "--lora-alpha", "--guess-alpha", "lora_alpha")
+    assert not (tmp_path / "out").exists()
+    got, res = _consolidate(src, tmp_path / "out", "--dtype", "bf16", "--lora-alpha", "6")
     assert all(t.dtype == torch.bfloat16 for t in got.values())
-    assert "warning: no adapter_config.json found: inferred r=3" in res.stderr and "lora_alpha" in res.stderr
+    assert "warning: no adapter_config.json found: inferred r=3" in res.stderr and "lora_alpha=6" in res.stderr
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert config["r"] == 3 and config["lora_alpha"] == 3
+    assert config["r"] == 3 and config["lora_alpha"] == 6
     assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                        "up_proj", "down_proj"])
     assert set(config["rank_pattern"].values()) == {4} and all("down_proj" in k for k in config["rank_pattern"])
     ref, _ = _consolidate(ckpts["zero2-peft"] / "ckpt", tmp_path / "ref")
     assert all(torch.equal(got[k], ref[k].to(torch.bfloat16)) for k in ref)
+    fp32, _ = _consolidate(src, tmp_path / "fp32", "--lora-alpha", "6e0")  # any float() spelling
+    assert _peft_logits(ckpts["zero2-peft"], tmp_path / "fp32") <= LOGIT_TOL
+    guessed, res = _consolidate(src, tmp_path / "guessed", "--guess-alpha")
+    assert "GUESSED" in res.stderr
+    assert json.loads((tmp_path / "guessed" / "adapter_config.json").read_text())["lora_alpha"] == 3
+    assert _peft_logits(ckpts["zero2-peft"], tmp_path / "guessed") > 1e-2  # what a guess costs
+    _refused(cli("consolidate", str(ckpts["zero2-peft"] / "ckpt"), str(tmp_path / "x"), "--lora-alpha", "5"),
+             "--lora-alpha 5", "lora_alpha=6")
+    tokens = tmp_path / "tokens"
+    shutil.copytree(ckpts["zero1-ours"] / "ckpt", tokens)
+    _refused(cli("consolidate", str(tokens), str(tmp_path / "t"), "--guess-alpha"), "trainable tokens", "--config")
+
+
+def test_consolidate_never_replaces_an_existing_adapter(ckpts, tmp_path):
+    """OUT that exists and holds files is refused, its files unchanged, unless --overwrite
+    (issue 17, rule 4); an empty OUT is fine."""
+    src = ckpts["zero2-peft"] / "ckpt"
+    (tmp_path / "out").mkdir()
+    _consolidate(src, tmp_path / "out")  # empty: written
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    (tmp_path / "out" / "adapter_config.json").write_text("{}")  # make a rewrite visible
+    before["adapter_config.json"] = b"{}"
+    _refused(cli("consolidate", str(src), str(tmp_path / "out"), "--quiet"), "already exists", "--overwrite")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    (tmp_path / "file").write_text("keep")
+    _refused(cli("consolidate", str(src), str(tmp_path / "file"), "--quiet"), "is a file")
+    assert (tmp_path / "file").read_text() == "keep"
+    _consolidate(src, tmp_path / "out", "--overwrite")
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 3
 
 
 def test_inspect_lists_format_stage_tag_keys_and_config(ckpts):

@@ -5,7 +5,9 @@ and what a checkpoint holds (``dist-adapters inspect``).
                        small_readers): tensor names and shapes up front, one tensor read at a time
     AdapterKeys        picks the adapter's tensors and maps their names to peft's keys (keys.py)
     find_config        adapter_config.json from --config, next to the checkpoint or its run
-                       directory; else inferred from the shapes, with a warning
+                       directory; else inferred from the shapes, and only with a known
+                       lora_alpha (--lora-alpha) or an explicit --guess-alpha: the scaling
+                       alpha / r is in no tensor, and a guess makes a different model
     check_shapes       lora_A [r, in], lora_B [out, r], nothing empty, token rows = indices
     consolidate        reads the adapter tensors one by one (a progress bar), converts the
                        dtype, splits fused projections, and writes OUT atomically: the weights
@@ -88,9 +90,11 @@ def _candidates(src: str, source) -> list[str]:
     return out
 
 
-def infer_config(shapes: dict[str, tuple], with_lora: bool, warn) -> LoraConfig:
+def infer_config(shapes: dict[str, tuple], with_lora: bool, warn, lora_alpha: Optional[float] = None,
+                 guess_alpha: bool = False) -> LoraConfig:
     """A LoraConfig from the adapter's shapes: r (the most common rank), rank_pattern for the
-    modules that differ, target_modules (the modules' last names), modules_to_save."""
+    modules that differ, target_modules (the modules' last names), modules_to_save. lora_alpha
+    is in no tensor: it is ``lora_alpha``, or r with ``guess_alpha``; else this refuses."""
     ranks, targets, saved, tokens = {}, set(), set(), []
     for key, shape in shapes.items():
         module = module_of(key)
@@ -108,15 +112,32 @@ def infer_config(shapes: dict[str, tuple], with_lora: bool, warn) -> LoraConfig:
         raise CheckpointError(f"no LoRA tensors to infer a config from: pass --config with the run's {CONFIG_NAME}")
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {m: v for m, v in sorted(ranks.items()) if v != r}
+    if lora_alpha is None and not guess_alpha:
+        raise CheckpointError(f"no {CONFIG_NAME} found next to the checkpoint or in its run directory, and "
+                              f"lora_alpha (the scaling alpha/r) is in no tensor: pass --config with the run's "
+                              f"{CONFIG_NAME}, or --lora-alpha A, or --guess-alpha to write lora_alpha = r = {r}")
+    alpha = r if lora_alpha is None else lora_alpha
     warn(f"no {CONFIG_NAME} found: inferred r={r}, target_modules={sorted(targets)}"
          + (f", rank_pattern for {len(pattern)} modules" if pattern else "")
-         + "; lora_alpha is unknown and set to r (scaling 1.0). Pass --config to keep the run's values")
-    return LoraConfig(r=r, lora_alpha=r, target_modules=sorted(targets), rank_pattern=pattern,
+         + (f"; lora_alpha={alpha} from --lora-alpha" if lora_alpha is not None else
+            f"; lora_alpha GUESSED as r={r} (--guess-alpha): the scaling may differ from training"))
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(targets), rank_pattern=pattern,
                       modules_to_save=sorted(saved) or None)
 
 
-def find_config(src: str, source, given: Optional[str], shapes: dict, with_lora: bool, warn):
+def find_config(src: str, source, given: Optional[str], shapes: dict, with_lora: bool, warn,
+                lora_alpha: Optional[float] = None, guess_alpha: bool = False):
     """(config, where it came from)."""
+    config, origin = _found_config(src, source, given)
+    if config is None:
+        return infer_config(shapes, with_lora, warn, lora_alpha, guess_alpha), "inferred from shapes"
+    if lora_alpha is not None and lora_alpha != config.lora_alpha:
+        raise CheckpointError(f"--lora-alpha {lora_alpha} is for checkpoints without a config, and {origin} "
+                              f"says lora_alpha={config.lora_alpha}: drop --lora-alpha or pass another --config")
+    return config, origin
+
+
+def _found_config(src: str, source, given: Optional[str]):
     if given:
         path = os.path.join(given, CONFIG_NAME) if os.path.isdir(given) else given
         if not os.path.isfile(path):
@@ -130,7 +151,7 @@ def find_config(src: str, source, given: Optional[str], shapes: dict, with_lora:
     found = _candidates(src, source)
     if found:
         return load_config(os.path.dirname(found[0])), found[0]
-    return infer_config(shapes, with_lora, warn), "inferred from shapes"
+    return None, None
 
 
 # ------------------------------------------------------------------------------- checks
@@ -254,15 +275,29 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
+def _check_out(out: str, overwrite: bool) -> None:
+    if os.path.isfile(out):
+        raise ValueError(f"OUT {out!r} is a file; OUT is a directory to write")
+    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if held and not overwrite:
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise ValueError(f"OUT {out!r} already exists and holds {shown}: pass --overwrite to replace its adapter, "
+                         "or choose another OUT")
+
+
 def consolidate(src: str, out: str, *, tag: Optional[str] = None, config: Optional[str] = None,
                 dtype: Optional[str] = None, adapter_name: Optional[str] = None, strip_prefix: str = "",
-                split: Optional[dict] = None, quiet: bool = False, warn=None) -> dict:
-    """Write the PEFT directory ``out`` from the checkpoint ``src``; returns a summary."""
+                split: Optional[dict] = None, quiet: bool = False, warn=None, lora_alpha: Optional[float] = None,
+                guess_alpha: bool = False, overwrite: bool = False) -> dict:
+    """Write the PEFT directory ``out`` from the checkpoint ``src``; returns a summary. ``out``
+    must not exist (or be empty) unless ``overwrite``; ``lora_alpha`` / ``guess_alpha``: see
+    ``infer_config``."""
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     if _inside(out, src) or _inside(src, out):
         raise ValueError(f"OUT {out!r} and SRC {src!r} overlap: the source is never written to; choose another OUT")
+    _check_out(out, overwrite)
     source = open_source(src, tag)
     keys = AdapterKeys(source.names, getattr(source, "dir", src), adapter_name, strip_prefix or source.outer_prefix,
                        getattr(source, "peft_keys", False))
@@ -271,7 +306,7 @@ def consolidate(src: str, out: str, *, tag: Optional[str] = None, config: Option
     for key, name in _progress(keys.to_source.items(), "consolidating", quiet):
         t = source.read(name)
         tensors[key] = _convert(t, DTYPES[dtype]) if dtype else t
-    cfg, origin = find_config(src, source, config, shapes, keys.with_lora, warn)
+    cfg, origin = find_config(src, source, config, shapes, keys.with_lora, warn, lora_alpha, guess_alpha)
     check_shapes(tensors, cfg, origin)
     if split:
         tensors, cfg = split_fused(tensors, cfg, split)
