@@ -37,7 +37,7 @@ install: $(VENV)/.install-stamp
 install-test: $(VENV)/.test-stamp
 
 demo: $(VENV)/.install-stamp
-	$(VENV)/bin/dist-adapters train configs/demo.yaml
+	$(VENV)/bin/dist-adapters train configs/demo.yaml --set train.overwrite=true  # a rerun replaces runs/demo
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: $(VENV)/.test-stamp

@@ -204,10 +204,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         preflight(cfg, launch_world_size(launch))  # fail here, once, before any rank starts
         if (launch["nproc_per_node"] > 1 or launch["nnodes"] > 1 or launch["launcher"] != "torchrun"
                 or launch["max_restarts"] or launch["master_addr"]):
+            import os
+
+            from .recipe.output import discard_unstarted
+
+            existed = os.path.isdir(cfg["train"]["output_dir"])
             sets = [a for s in args.overrides for a in ("--set", s)]
             code = run(spec_from_recipe(launch), ["-m", "dist_adapters.cli", "train", args.config, *sets])
             if code == 0 and launch["node_rank"] == 0:
                 _print_done(cfg, peft_snippet)
+            elif code != 0:  # ranks killed before they could clean up
+                discard_unstarted(cfg["train"]["output_dir"], existed)
             return code
     summary = train(cfg)
     if not is_launched():

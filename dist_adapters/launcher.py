@@ -153,6 +153,7 @@ def validate(spec: LaunchSpec) -> None:
     if spec.max_restarts and spec.launcher != "torchrun":
         raise LaunchError(f"--max-restarts needs --launcher torchrun (its elastic agent restarts the ranks); "
                           f"{spec.launcher} has no restarts")
+    _check_applies(spec)
     if spec.master_addr is not None:
         check_host(spec.master_addr, "--master-addr")
     if spec.local_addr is not None:
@@ -161,6 +162,24 @@ def validate(spec: LaunchSpec) -> None:
         raise LaunchError(f"--master-port must be in 1..65535, got {spec.master_port}")
     if spec.nnodes > 1 and spec.launcher == "torchrun" and spec.master_addr is None:
         raise LaunchError("--nnodes > 1 with torchrun needs --master-addr (the address of node 0)")
+
+
+# Options that only some launchers read: given to another, they would be ignored without a word.
+_ONLY_FOR = {
+    "hostfile": (("deepspeed", "mpirun"), "torchrun starts one node per command (--nnodes, --node-rank, "
+                                          "--master-addr); srun takes its nodes from the allocation"),
+    "local_addr": (("torchrun",), "only torchrun's rendezvous reads it"),
+    "node_rank": (("torchrun",), "the other launchers start every node from one command"),
+}
+
+
+def _check_applies(spec: LaunchSpec) -> None:
+    for name, (launchers, why) in _ONLY_FOR.items():
+        value = getattr(spec, name)
+        if value not in (None, 0) and spec.launcher not in launchers:
+            flag = "--" + name.replace("_", "-")
+            raise LaunchError(f"{flag} does not apply to --launcher {spec.launcher} ({why}); it applies to "
+                              f"--launcher {' / '.join(launchers)}")
 
 
 def command(spec: LaunchSpec, argv: list[str]) -> tuple[list[str], dict[str, str]]:

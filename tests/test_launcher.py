@@ -90,9 +90,21 @@ def test_launch_option_errors():
         (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h", "--", "x.py"], "--node-rank must be in [0, 2)"),
         (["--master-addr", "a b", "--", "x.py"], "'a b' is not a valid host name"),
         ([], "nothing to launch"),
+        # issue 17, rule 7: an option the chosen launcher would ignore is an error naming both
+        (["--hostfile", "launch/hostfile.example", "--", "x.py"],
+         "--hostfile does not apply to --launcher torchrun"),
+        (["--hostfile", "no-such-or-malformed-hostfile", "--", "x.py"],
+         "--hostfile does not apply to --launcher torchrun"),
+        (["--launcher", "srun", "--hostfile", "launch/hostfile.example", "--", "x.py"],
+         "--hostfile does not apply to --launcher srun"),
+        (["--launcher", "mpirun", "--local-addr", "10.0.0.2", "--", "x.py"],
+         "--local-addr does not apply to --launcher mpirun"),
+        (["--launcher", "srun", "--nnodes", "2", "--node-rank", "1", "--", "x.py"],
+         "--node-rank does not apply to --launcher srun"),
     ]:
         res = launch("--dry-run", *args)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
 
 
 def test_recipe_launch_errors_name_the_key():
@@ -102,6 +114,8 @@ def test_recipe_launch_errors_name_the_key():
                     "launch.node_rank must be in [0, 2)")
     _one_line_error(cli("train", DEMO, "--set", "launch.launcher=deepspeed", "launch.max_restarts=1"),
                     "launch.max_restarts needs launch.launcher torchrun")
+    _one_line_error(cli("train", DEMO, "--set", "launch.hostfile=launch/hostfile.example"),
+                    "launch.hostfile does not apply to launch.launcher torchrun")
 
 
 def test_rank_discovery_from_each_launcher(monkeypatch):

@@ -58,13 +58,17 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return os.path.join(root, max(steps)[1]) if steps else None
 
 
+def is_restart() -> bool:
+    """Whether torchrun's elastic agent restarted this job (its earlier attempt is continued)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
 def resume_source(cfg: dict) -> Optional[str]:
     """Where the run starts from: ``train.resume_from`` as given; ``auto``, or a restart by
     torchrun's elastic agent (TORCHELASTIC_RESTART_COUNT > 0), picks the newest complete
     checkpoint of this run's output directory (none yet: from the start)."""
     given = cfg["train"]["resume_from"]
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-    if given == "auto" or (given is None and restarted):
+    if given == "auto" or (given is None and is_restart()):
         return latest_checkpoint(os.path.join(cfg["train"]["output_dir"], "checkpoints"))
     return given
 
@@ -76,7 +80,28 @@ def read_state(directory: str) -> dict:
     if not os.path.isfile(path):
         raise RecipeError(f"train.resume_from {directory!r} is not a complete checkpoint (no {STATE_NAME})")
     with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+        try:
+            state = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise RecipeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise RecipeError(f"{path}: no integer 'step' (not a checkpoint written by dist-adapters train)")
+    return state
+
+
+def check_resumable(directory: str, strategy) -> dict:
+    """The checkpoint's trainer state, if ``strategy`` (a row of parallel/strategies.py) can read
+    its optimizer state; else a RecipeError naming both strategies."""
+    from ..parallel.strategies import STRATEGIES
+
+    state = read_state(directory)
+    if not os.path.exists(os.path.join(directory, strategy.optimizer_state)):
+        written = state.get("strategy", "another strategy")
+        readers = ", ".join(n for n, s in STRATEGIES.items() if s.optimizer_state == strategy.optimizer_state)
+        raise RecipeError(f"train.resume_from {directory!r} was written under parallel.strategy {written!r}; "
+                          f"{strategy.name!r} resumes only checkpoints of {readers} (it reads "
+                          f"{strategy.optimizer_state}); resume with the strategy that wrote it")
+    return state
 
 
 def load_checkpoint(directory: str, engine, dist) -> dict:

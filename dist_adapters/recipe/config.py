@@ -29,7 +29,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"path": None, "seq_len": 64},
     "train": {
         "steps": 30, "global_batch_size": 8, "micro_batch_size": 4, "lr": 1.0e-3, "seed": 0,
-        "checkpoint_every": 10, "resume_from": None, "output_dir": "runs/demo",
+        "checkpoint_every": 10, "resume_from": None, "output_dir": "runs/demo", "overwrite": False,
         "weight_decay": 0.0, "warmup_steps": 0, "lr_schedule": "constant", "max_grad_norm": 1.0,
         "optimizer": "adamw",
     },
@@ -202,6 +202,10 @@ def validate(cfg: dict, where) -> None:
                 "data.seq_len", "launch.nproc_per_node", "launch.nnodes", "parallel.tp_size"):
         _positive_int(cfg, key, where)
     _positive_int(cfg, "train.warmup_steps", where, minimum=0)
+    for key in ("train.overwrite", "parallel.use_orig_params", "parallel.activation_checkpointing"):
+        section, name = key.split(".")
+        if not isinstance(cfg[section][name], bool):
+            raise RecipeError(f"{where(key)}: {key} must be true or false, got {cfg[section][name]!r}")
     if not isinstance(train["lr"], (int, float)) or train["lr"] <= 0:
         raise RecipeError(f"{where('train.lr')}: train.lr must be a number > 0, got {train['lr']!r}")
     if train["global_batch_size"] % train["micro_batch_size"]:

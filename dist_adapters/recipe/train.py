@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 
 import torch
@@ -26,9 +25,10 @@ from ..parallel.engine import EngineConfig
 from ..parallel.strategies import STRATEGIES
 from ..process_group import barrier
 from . import builtin, loftq, quantization
-from .checkpoint import load_checkpoint, read_state, resume_source, save_checkpoint
+from .checkpoint import check_resumable, load_checkpoint, resume_source, save_checkpoint
 from .config import RecipeError, adapter_config, check_world
 from .data import TextData, global_batch_indices, micro_batches, read_jsonl
+from .output import check_output_dir, clear_earlier_run, discard_unstarted
 
 
 def engine_config(cfg: dict, accumulation: int) -> EngineConfig:
@@ -62,15 +62,10 @@ def preflight(cfg: dict, world_size: int) -> list[str]:
         supported = ", ".join(name for name, s in STRATEGIES.items() if s.modules_to_save)
         raise RecipeError(f"adapter.modules_to_save is not supported under parallel.strategy {strategy.name!r} "
                           f"(a trainable full copy of a sharded layer); use one of: {supported}")
-    out = cfg["train"]["output_dir"]
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise RecipeError(f"train.output_dir {out!r} is not writable ({exc.strerror or exc})") from None
-    if cfg["train"]["resume_from"] not in (None, "auto"):
-        read_state(cfg["train"]["resume_from"])
+    check_output_dir(cfg)
+    source = resume_source(cfg)
+    if source is not None:
+        check_resumable(source, strategy)
     return read_jsonl(cfg["data"]["path"] or builtin.DATA_FILE)
 
 
@@ -174,10 +169,19 @@ def train(cfg: dict) -> dict:
 
     dist = init_distributed(cfg["launch"]["timeout_minutes"],  # a world of 1 still gets a (local) group
                             need_group=STRATEGIES[cfg["parallel"]["strategy"]].multi_process)
+    out = cfg["train"]["output_dir"]
+    existed = os.path.isdir(out)
     try:
         texts = preflight(cfg, dist.world_size)
+        barrier()  # every rank checked the output directory before rank 0 changes it
+        if dist.is_main:
+            clear_earlier_run(cfg)
+            os.makedirs(out, exist_ok=True)
+        barrier()
         summary = _train(cfg, dist, texts, tqdm)
     except BaseException:
+        if dist.is_main:
+            discard_unstarted(out, existed)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         raise
@@ -279,7 +283,8 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
                 bar.set_postfix(loss=f"{step_loss:.4f}")
             if (step + 1) % tr["checkpoint_every"] == 0:
                 save_checkpoint(os.path.join(out, "checkpoints"), step + 1, engine, dist,
-                                {"seed": tr["seed"], "global_batch_size": tr["global_batch_size"]})
+                                {"seed": tr["seed"], "global_batch_size": tr["global_batch_size"],
+                                 "strategy": cfg["parallel"]["strategy"]})
     finally:
         if metrics is not None:
             metrics.close()
