@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 
 LAUNCHERS = ("torchrun", "deepspeed", "mpirun", "srun")
+# Put in front of the target under deepspeed, mpirun and srun: it gives the ranks torchrun's
+# environment, so a script written for torchrun runs unchanged (dist_adapters/bootstrap.py).
+BOOTSTRAP = "dist_adapters.bootstrap"
 DEFAULT_PORT = 29500
 
 
@@ -223,7 +226,7 @@ def _deepspeed(spec, is_module, target):
     import torch  # here, not at the top: building command lines must not cost a torch import
 
     env = {} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"}
-    return cmd + (["--module"] if is_module else []) + target, env
+    return cmd + ["--module", BOOTSTRAP] + _target(is_module, target), env
 
 
 def _mpirun(spec, is_module, target):
@@ -241,39 +244,50 @@ def _mpirun(spec, is_module, target):
     port = spec.master_port or free_port()
     # every rank rendezvouses over TCP at MASTER_ADDR:PORT (init_distributed reads OMPI_COMM_WORLD_*)
     cmd += ["--bind-to", "none", "-np", str(nproc), "-x", f"MASTER_ADDR={addr}", "-x", f"MASTER_PORT={port}",
-            sys.executable]
-    return cmd + (["-m"] if is_module else []) + target, {}
+            sys.executable, "-m", BOOTSTRAP]
+    return cmd + _target(is_module, target), {}
 
 
 def _srun(spec, is_module, target):
     cmd = ["srun", f"--nodes={spec.nnodes}", f"--ntasks-per-node={spec.nproc_per_node}", "--kill-on-bad-exit=1",
-           sys.executable]
+           sys.executable, "-m", BOOTSTRAP]
     env = {}
     if spec.master_addr:
         env["MASTER_ADDR"] = spec.master_addr
     if spec.master_port:
         env["MASTER_PORT"] = str(spec.master_port)
-    return cmd + (["-m"] if is_module else []) + target, env
+    return cmd + _target(is_module, target), env
+
+
+def _target(is_module: bool, target: list[str]) -> list[str]:
+    return (["-m"] if is_module else []) + target
 
 
 # ----------------------------------------------------------------------------- rank discovery
 
 def launcher_env(env=None) -> Optional[dict[str, str]]:
-    """The RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT that whichever launcher
-    started this process implies, or None when no launcher did. Reads ``env`` (default
-    ``os.environ``), changes nothing: torchrun and deepspeed set the variables already; OpenMPI
-    (OMPI_COMM_WORLD_*), MPICH / Intel MPI (PMI_*), Slurm (SLURM_PROCID, SLURM_NTASKS,
-    SLURM_LOCALID, the first host of SLURM_JOB_NODELIST) name them their own way."""
+    """The torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT) that whichever launcher started this process implies: the variables to add, or
+    None when no launcher did. Reads ``env`` (default ``os.environ``), changes nothing: torchrun
+    sets them all, deepspeed all but LOCAL_WORLD_SIZE (its LOCAL_SIZE); OpenMPI
+    (OMPI_COMM_WORLD_*), MPICH / Intel MPI (PMI_*, MPI_LOCALNRANKS), Slurm (SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID, SLURM_STEP_TASKS_PER_NODE, the first host of SLURM_JOB_NODELIST)
+    name them their own way."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return {}
+        local_size = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")
+        return {"LOCAL_WORLD_SIZE": local_size} if local_size and "LOCAL_WORLD_SIZE" not in env else {}
     found, extra = None, {}
     if "OMPI_COMM_WORLD_RANK" in env:
-        found = (env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"], env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
+        found = (env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"], env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+                 env.get("OMPI_COMM_WORLD_LOCAL_SIZE"))
     elif "PMI_RANK" in env and "PMI_SIZE" in env:
-        found = (env["PMI_RANK"], env["PMI_SIZE"], env.get("MPI_LOCALRANKID", env.get("PMI_LOCAL_RANK", "0")))
+        found = (env["PMI_RANK"], env["PMI_SIZE"], env.get("MPI_LOCALRANKID", env.get("PMI_LOCAL_RANK", "0")),
+                 env.get("MPI_LOCALNRANKS", env.get("PMI_LOCAL_SIZE")))
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:  # a task of srun
-        found = (env["SLURM_PROCID"], env["SLURM_NTASKS"], env.get("SLURM_LOCALID", "0"))
+        per_node = re.match(r"\d+", env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_NTASKS_PER_NODE", "")))
+        found = (env["SLURM_PROCID"], env["SLURM_NTASKS"], env.get("SLURM_LOCALID", "0"),
+                 per_node.group(0) if per_node else None)
         if "MASTER_ADDR" not in env:
             nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
             extra["MASTER_ADDR"] = nodes[0]
@@ -282,6 +296,8 @@ def launcher_env(env=None) -> Optional[dict[str, str]]:
     if found is None:
         return None
     implied = {"RANK": found[0], "WORLD_SIZE": found[1], "LOCAL_RANK": found[2], **extra}
+    if found[3]:
+        implied["LOCAL_WORLD_SIZE"] = found[3]
     implied.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
     implied.setdefault("MASTER_PORT", env.get("MASTER_PORT", str(DEFAULT_PORT)))
     return implied

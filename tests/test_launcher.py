@@ -58,7 +58,8 @@ def test_dry_run_prints_each_launchers_command(tmp_path):
     assert f"--hostfile {hostfile}" in mpi and "--bind-to none -np 4" in mpi and "MASTER_ADDR=node-a" in mpi
     assert ("--allow-run-as-root" in mpi) == (os.geteuid() == 0) and mpi.strip().endswith("-m pkg.mod")
     ds = launch("--dry-run", "--launcher", "deepspeed", "--hostfile", str(hostfile), "--", "-m", "pkg.mod").stdout
-    assert "--num_nodes=2" in ds and "--num_gpus=1" in ds and "--no_local_rank" in ds and "--module pkg.mod" in ds
+    assert "--num_nodes=2" in ds and "--num_gpus=1" in ds and "--no_local_rank" in ds
+    assert "--module dist_adapters.bootstrap -m pkg.mod" in ds  # torchrun's environment for the ranks
     srun = launch("--dry-run", "--launcher", "srun", "--nnodes", "2", "--nproc-per-node", "8", "--", "t.py").stdout
     assert srun.startswith("srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 ")
     assert not list(tmp_path.glob("*.log"))  # nothing ran
@@ -245,3 +246,66 @@ def test_launch_scripts_parse_and_example_hostfile_is_valid():
         assert subprocess.run(["bash", "-n", os.path.join(folder, name)]).returncode == 0, name
         assert "dist-adapters launch --launcher" in text, name
     assert read_hostfile(os.path.join(folder, "hostfile.example")) == [("node-0", 8), ("node-1", 8)]
+
+
+# ----------------------------------------------------------------------------- plain torch scripts
+
+def _plain_results(out, world: int = 2) -> list[dict]:
+    import json
+
+    got = []
+    for rank in range(world):
+        with open(f"{out}.rank{rank}.json", encoding="utf-8") as fh:
+            got.append(json.load(fh))
+    return got
+
+
+def _assert_torchrun_environment(got: list[dict], args: list[str]) -> None:
+    """Every rank saw all six torchrun variables, joined one gloo group by env:// and ran as __main__."""
+    for rank, seen in enumerate(got):
+        env = seen["env"]
+        assert all(env[k] for k in env), env
+        assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == \
+            (str(rank), "2", str(rank), "2"), env
+        assert (seen["rank"], seen["world"], seen["sum"], seen["main"]) == (rank, 2, 3.0, "__main__"), seen
+        assert seen["argv"] == args, seen
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun", "deepspeed"])
+def test_plain_torch_script_runs_under_every_launcher(tmp_path, launcher):
+    """Issue 17, rule 8: a script written for torchrun (dist.init_process_group("gloo"), no
+    dist_adapters import) runs unchanged under `dist-adapters launch`: deepspeed, mpirun and srun
+    get dist_adapters.bootstrap in front of it, which adds the torchrun environment."""
+    out = str(tmp_path / "plain")
+    res = launch("--launcher", launcher, "--nproc-per-node", "2", "--", "tests/dist/plain_torch.py", out, "x y")
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_torchrun_environment(_plain_results(out), [out, "x y"])
+
+
+def test_plain_torch_script_runs_as_srun_tasks(tmp_path):
+    """srun is not installed here: two tasks are started with the environment srun gives its
+    tasks (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_STEP_TASKS_PER_NODE, the node list),
+    through the command srun would run (``launch --dry-run --launcher srun``)."""
+    out = str(tmp_path / "plain")
+    dry = launch("--dry-run", "--launcher", "srun", "--nproc-per-node", "2", "--", "tests/dist/plain_torch.py", out)
+    argv = dry.stdout.split()
+    assert argv[:4] == ["srun", "--nodes=1", "--ntasks-per-node=2", "--kill-on-bad-exit=1"], dry.stdout
+    assert argv[5:7] == ["-m", "dist_adapters.bootstrap"]
+    task = argv[4:]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    slurm = {"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "127.0.0.1",
+             "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_JOB_ID": str(free_port())}
+    procs = [subprocess.Popen(task, cwd=ROOT, env={**env, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+    _assert_torchrun_environment(_plain_results(out), [out])
+
+
+def test_bootstrap_errors_are_one_line():
+    for args, message in [([], "nothing to run"), (["-m"], "nothing to run"),
+                          (["no/such/script.py"], "script 'no/such/script.py' does not exist")]:
+        res = subprocess.run([sys.executable, "-m", "dist_adapters.bootstrap", *args], capture_output=True, text=True,
+                             cwd=ROOT, timeout=60)
+        assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
