@@ -18,8 +18,15 @@ import sys
 from . import __version__
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (it prints the usage first, which wraps over many)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dist-adapters",
         description="Sharded LoRA / trainable-token fine-tuning with PEFT-format checkpoints.",
     )
@@ -196,7 +203,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .launch_cmd import run, spec_from_recipe
     from .launcher import is_launched
     from .recipe.config import launch_world_size, load_recipe
-    from .recipe.train import peft_snippet, preflight, train
+    from .recipe.preflight import preflight
+    from .recipe.train import peft_snippet, train
 
     cfg = load_recipe(args.config, args.overrides)
     launch = cfg["launch"]
@@ -228,6 +236,18 @@ def _print_done(cfg: dict, peft_snippet) -> None:
     print("load it with peft:\n" + peft_snippet(cfg))
 
 
+def _reporting_rank() -> bool:
+    """One rank of a launched job reports a user error (every rank finds the same one)."""
+    from .launcher import launcher_env
+
+    implied = launcher_env()
+    if implied is None:
+        return True
+    import os
+
+    return implied.get("RANK", os.environ.get("RANK", "0")) == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint.allow_list import CheckpointError
 
@@ -251,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"train": cmd_train, "loftq": cmd_loftq, "consolidate": cmd_consolidate, "inspect": cmd_inspect}
         return commands[args.command](args)
     except user_errors as exc:
-        print(f"dist-adapters {args.command}: error: {exc}", file=sys.stderr)
+        if _reporting_rank():
+            print(f"dist-adapters {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dist-adapters {args.command}: interrupted", file=sys.stderr)

@@ -184,39 +184,6 @@ def _one_line_error(res, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-def test_bad_input_gives_one_line_errors(tmp_path):
-    _one_line_error(cli("train", str(tmp_path / "nope.yaml")), "config file", "nope.yaml", "does not exist")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("train:\n  stepz: 3\n")
-    _one_line_error(cli("train", str(bad)), "unknown key 'train.stepz'", "bad.yaml")
-    _one_line_error(cli("train", DEMO, "--set", "train.lrr=0.1"), "unknown key 'train.lrr' in --set")
-    _one_line_error(cli("train", DEMO, "--set", "adapter.rank=4"), "unknown key 'adapter.rank'")
-    _one_line_error(cli("train", DEMO, "--set", "parallel.strategy=magic"), "unknown parallel.strategy 'magic'")
-    data = tmp_path / "data.jsonl"
-    data.write_text('{"text": "ok"}\n{"text": "ok"}\n{"txt": "no"}\n')
-    _one_line_error(cli("train", DEMO, "--set", f"data.path={data}", "--set", f"train.output_dir={tmp_path}/o"),
-                    "data.jsonl:3:", '"text"')
-    data.write_text('{"text": "ok"}\n{not json\n')
-    _one_line_error(cli("train", DEMO, "--set", f"data.path={data}", "--set", f"train.output_dir={tmp_path}/o"),
-                    "data.jsonl:2: not valid JSON")
-    blocker = tmp_path / "a-file"
-    blocker.write_text("x")
-    _one_line_error(cli("train", DEMO, "--set", f"train.output_dir={blocker}/out"),
-                    "train.output_dir", "a-file/out", "not writable")
-    _one_line_error(cli("train", DEMO, "--set", "train.micro_batch_size=3"),
-                    "global_batch_size (16) must be a multiple of train.micro_batch_size (3)")
-    _one_line_error(cli("train", DEMO, "--set", "parallel.strategy=tp"),
-                    "parallel.tp_size (1) must equal the world size (2)")
-    _one_line_error(cli("train", DEMO, "--set", "parallel.tp_size=2"), "parallel.tp_size 2 needs parallel.strategy tp")
-    # capabilities from the strategy table (parallel/strategies.py), checked before any rank starts
-    _one_line_error(cli("train", DEMO, "--set", "parallel.strategy=tp", "parallel.tp_size=2",
-                        "adapter.modules_to_save=[lm_head]"),
-                    "adapter.modules_to_save is not supported under parallel.strategy 'tp'")
-    _one_line_error(cli("train", DEMO, "--set", "parallel.strategy=fsdp2_tp", "parallel.tp_size=3"),
-                    "parallel.tp_size (3) must divide the world size (2)")
-    _one_line_error(cli("train", DEMO, "--set", f"train.resume_from={tmp_path}/none"), "does not exist")
-
-
 def test_trainable_tokens_none_world1_equals_ddp_world2(single_run, tmp_path):
     two = cli("train", DEMO, "--set", *small(tmp_path / "two", **{"train.micro_batch_size": 4,
                                                                   "parallel.strategy": "ddp", "launch.nproc_per_node": 2}))

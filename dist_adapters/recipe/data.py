@@ -20,11 +20,16 @@ def read_jsonl(path: str) -> list[str]:
     """Every line a JSON object with a string "text"; blank lines are skipped."""
     texts: list[str] = []
     try:
-        fh = open(path, encoding="utf-8")
+        fh = open(path, "rb")
     except OSError as exc:
         raise RecipeError(f"data.path {path!r}: cannot read ({exc.strerror or exc})") from None
     with fh:
-        for number, line in enumerate(fh, start=1):
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RecipeError(f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line: "
+                                  f"{raw[exc.start:exc.start + 1]!r})") from None
             if not line.strip():
                 continue
             try:
@@ -72,25 +77,36 @@ class Batch:
 
 
 class TextData:
+    """The texts tokenized once (an EOS appended), cut to ``seq_len`` tokens. ``cut``: indices of
+    the samples that were longer (their end and EOS are not trained on); ``no_target``: indices
+    of samples of one token or none, which carry no loss."""
+
     def __init__(self, texts: list[str], tokenizer, seq_len: int) -> None:
         self.texts = texts
-        self.tokenizer = tokenizer
         self.seq_len = seq_len
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        eos = tokenizer.eos_token_id
+        full = [ids if eos is None or (ids and ids[-1] == eos) else ids + [eos]
+                for ids in tokenizer(texts)["input_ids"]]
+        self.cut = frozenset(i for i, ids in enumerate(full) if len(ids) > seq_len)
+        self.rows = [ids[:seq_len] for ids in full]
+        self.no_target = frozenset(i for i, ids in enumerate(self.rows) if len(ids) < 2)
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer(text)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids = ids + [eos]
-        return ids[: self.seq_len]
+    def summary(self, where: str) -> str:
+        """One line for the start of a run: how many samples, and how many are cut."""
+        share = f"{len(self.cut)} of {len(self)} ({100 * len(self.cut) / len(self):.1f}%)"
+        line = f"data: {len(self)} samples from {where}; {share} longer than data.seq_len {self.seq_len} tokens"
+        line += " are cut (their end and EOS are not trained on)" if self.cut else ""
+        if self.no_target:
+            line += f"; {len(self.no_target)} have fewer than 2 tokens and carry no loss"
+        return line
 
     def batch(self, indices: list[int]) -> Batch:
-        rows = [self.encode(self.texts[i]) for i in indices]
+        rows = [self.rows[i] for i in indices]
         ids = torch.full((len(rows), self.seq_len), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), self.seq_len), dtype=torch.long)
         for r, row in enumerate(rows):

@@ -25,10 +25,11 @@ from ..parallel.engine import EngineConfig
 from ..parallel.strategies import STRATEGIES
 from ..process_group import barrier
 from . import builtin, loftq, quantization
-from .checkpoint import check_resumable, load_checkpoint, resume_source, save_checkpoint
+from .checkpoint import load_checkpoint, resume_source, save_checkpoint
 from .config import RecipeError, adapter_config, check_world
-from .data import TextData, global_batch_indices, micro_batches, read_jsonl
-from .output import check_output_dir, clear_earlier_run, discard_unstarted
+from .data import TextData, global_batch_indices, micro_batches
+from .output import clear_earlier_run, discard_unstarted
+from .preflight import preflight
 
 
 def engine_config(cfg: dict, accumulation: int) -> EngineConfig:
@@ -41,32 +42,6 @@ def engine_config(cfg: dict, accumulation: int) -> EngineConfig:
                         activation_checkpointing=parallel["activation_checkpointing"],
                         mixed_precision=getattr(torch, precision) if precision else None,
                         deepspeed_config=parallel["deepspeed_config"])
-
-
-def preflight(cfg: dict, world_size: int) -> list[str]:
-    """Every check that can fail on user input, run once before any process is launched.
-    Returns the data texts (read and validated)."""
-    strategy = STRATEGIES[cfg["parallel"]["strategy"]]
-    if not strategy.multi_process and world_size > 1:
-        raise RecipeError(f"parallel.strategy {strategy.name!r} runs one process; use strategy ddp or "
-                          "launch.nproc_per_node: 1")
-    if cfg["model"]["quantization"] is not None:
-        quantization.settings(cfg)
-    if cfg["model"]["path"] is not None and not os.path.isdir(cfg["model"]["path"]):
-        raise RecipeError(f"model.path {cfg['model']['path']!r} is not a directory")
-    check_world(cfg, world_size)
-    adapter_cfg = adapter_config(cfg)
-    if loftq.wants_loftq(adapter_cfg):
-        loftq.check(cfg, adapter_cfg)
-    if getattr(adapter_cfg, "modules_to_save", None) and not strategy.modules_to_save:
-        supported = ", ".join(name for name, s in STRATEGIES.items() if s.modules_to_save)
-        raise RecipeError(f"adapter.modules_to_save is not supported under parallel.strategy {strategy.name!r} "
-                          f"(a trainable full copy of a sharded layer); use one of: {supported}")
-    check_output_dir(cfg)
-    source = resume_source(cfg)
-    if source is not None:
-        check_resumable(source, strategy)
-    return read_jsonl(cfg["data"]["path"] or builtin.DATA_FILE)
 
 
 def _load_model(cfg: dict, accumulation: int, world_size: int, device: torch.device, full: bool = False):
@@ -172,13 +147,13 @@ def train(cfg: dict) -> dict:
     out = cfg["train"]["output_dir"]
     existed = os.path.isdir(out)
     try:
-        texts = preflight(cfg, dist.world_size)
+        data = preflight(cfg, dist.world_size)
         barrier()  # every rank checked the output directory before rank 0 changes it
         if dist.is_main:
             clear_earlier_run(cfg)
             os.makedirs(out, exist_ok=True)
         barrier()
-        summary = _train(cfg, dist, texts, tqdm)
+        summary = _train(cfg, dist, data, tqdm)
     except BaseException:
         if dist.is_main:
             discard_unstarted(out, existed)
@@ -231,6 +206,9 @@ def _train_step(engine, data: TextData, step: int, tr: dict, dist: DistInfo) -> 
     batches = [data.batch(mb).to(dist.device)
                for mb in micro_batches(indices, engine.dp_rank, engine.dp_size, tr["micro_batch_size"])]
     total = global_target_tokens(batches, engine, dist)
+    if total == 0:
+        raise RecipeError(f"step {step + 1}: no sample of the global batch has 2 or more tokens (data samples "
+                          f"{sorted(i + 1 for i in indices)[:8]}): nothing to compute a loss on")
     loss_sum = torch.zeros((), device=dist.device)
     for i, batch in enumerate(batches):
         with engine.accumulating(last_micro_step=i == len(batches) - 1):
@@ -243,14 +221,15 @@ def _train_step(engine, data: TextData, step: int, tr: dict, dist: DistInfo) -> 
     return step_loss, engine.finish_step(), total
 
 
-def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
+def _train(cfg: dict, dist: DistInfo, data: TextData, tqdm) -> dict:
     tr = cfg["train"]
     out = tr["output_dir"]
     accumulation = check_world(cfg, dist.world_size)
     model, tokenizer = _adapted_model(cfg, dist, accumulation)
     engine = STRATEGIES[cfg["parallel"]["strategy"]].setup(model, make_optimizer_factory(tr), dist,
                                                             engine_config(cfg, accumulation))
-    data = TextData(texts, tokenizer, cfg["data"]["seq_len"])
+    if dist.is_main:
+        print(data.summary(cfg["data"]["path"] or "the built-in data set"), flush=True)
     start = 0
     source = resume_source(cfg)
     if source:
@@ -276,8 +255,11 @@ def _train(cfg: dict, dist: DistInfo, texts: list[str], tqdm) -> dict:
             last_loss = step_loss
             if metrics is not None:
                 seconds = time.perf_counter() - t0
+                cut = sum(i in data.cut for i in global_batch_indices(step, len(data), tr["global_batch_size"],
+                                                                       tr["seed"]))
                 row = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": round(total / seconds, 1), "seconds": round(time.perf_counter() - t_start, 3)}
+                       "tokens_per_s": round(total / seconds, 1), "seconds": round(time.perf_counter() - t_start, 3),
+                       "truncated": cut}
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 bar.set_postfix(loss=f"{step_loss:.4f}")
