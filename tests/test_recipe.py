@@ -13,6 +13,7 @@ import dist_adapters as da
 from helpers import LOGITS_TOL
 from dist_adapters.recipe.builtin import builtin_model, builtin_tokenizer
 from dist_adapters.recipe.data import global_batch_indices, micro_batches
+from dist_adapters.recipe.config import RecipeError
 from dist_adapters.recipe.train import train
 from equivalence import assert_equivalent, metrics, transformers_loss
 from recipe_helpers import (ADAMW_TOL, DEMO, SGD, SGD_TOL, adapter_tensors, assert_auto_peft_reproduces, cli, config,
@@ -263,3 +264,66 @@ def test_peft_options_we_do_not_implement_are_named_as_such():
     assert adapter_config(load_recipe(DEMO, ["adapter.use_dora=false"])).extra == {"use_dora": False}
     with pytest.raises(RecipeError, match="unknown key 'adapter.use_dorra'"):  # a typo stays a typo
         load_recipe(DEMO, ["adapter.use_dorra=true"])
+
+
+def test_an_existing_run_is_replaced_only_when_asked(tmp_path):
+    """Issue 17, rule 4. A second run into an output_dir that holds a run is refused and changes
+    nothing (tests/test_bad_input.py checks the hashes through the CLI); train.overwrite: true
+    replaces the earlier run's entries, and only those (a user's file stays; no stale checkpoint
+    of the longer earlier run survives); train.resume_from: auto continues it."""
+    out = tmp_path / "run"
+    train(config(out, **{"train.steps": 4}))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RecipeError, match="already holds a run"):
+        train(config(out, **{"train.steps": 2}))
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_2", "step_4"]
+    train(config(out, **{"train.steps": 2, "train.overwrite": "true"}))
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_2"] and (out / "notes.txt").read_text() == "mine"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    train(config(out, **{"train.steps": 4, "train.resume_from": "auto"}))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_directory(tmp_path):
+    """A failure after the preflight (here the model weights: a config without weights) removes
+    the output directory the run created, in one process and when ranks were launched; a
+    directory that existed before is kept."""
+    from helpers import tiny_llama
+
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(str(model_dir))
+    builtin_tokenizer().save_pretrained(str(model_dir))
+    os.remove(model_dir / "model.safetensors")  # config, tokenizer, but no weights: fails when loaded
+    over = {"model.path": str(model_dir), "adapter.trainable_token_indices": "null"}
+    with pytest.raises(RecipeError, match="model.path"):
+        train(config(tmp_path / "fresh", **over))
+    assert not (tmp_path / "fresh").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RecipeError):
+        train(config(tmp_path / "kept", **over))
+    assert (tmp_path / "kept").is_dir()
+    res = cli("train", DEMO, "--set", *small(tmp_path / "ddp", **over, **{"parallel.strategy": "ddp",
+                                                                          "launch.nproc_per_node": 2}))
+    assert res.returncode != 0 and "dist-adapters launch:" in res.stdout  # failed in the ranks
+    assert not (tmp_path / "ddp").exists()
+
+
+def test_truncated_samples_are_counted_at_start_and_per_step(tmp_path):
+    """Issue 17, rule 9: samples longer than data.seq_len are cut (and lose their EOS); the run
+    says how many at start, and each metrics row counts those of its global batch."""
+    from dist_adapters.recipe.data import TextData, global_batch_indices, read_jsonl
+
+    data = tmp_path / "data.jsonl"
+    texts = ["short"] * 12 + ["a much longer text than eight tokens"] * 4
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    res = cli("train", DEMO, "--set", *small(tmp_path / "run", **{"data.path": str(data), "data.seq_len": 8}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"data: 16 samples from {data}; 4 of 16 (25.0%) longer than data.seq_len 8 tokens are cut" in res.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    long = {i for i, t in enumerate(texts) if len(t) > 7}  # one token per byte, + EOS
+    expected = [len(long & set(global_batch_indices(s, 16, 8, 0))) for s in range(4)]
+    assert [r["truncated"] for r in rows] == expected and sum(expected) > 0
+    cut = TextData(read_jsonl(str(data)), builtin_tokenizer(), 8)
+    assert cut.cut == long and all(len(row) == 8 for i, row in enumerate(cut.rows) if i in long)
+    whole = TextData(read_jsonl(str(data)), builtin_tokenizer(), 64)
+    assert not whole.cut and whole.rows[12][-1] == builtin_tokenizer().eos_token_id
