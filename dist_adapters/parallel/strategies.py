@@ -30,7 +30,8 @@ class Strategy:
     shards_parameters: bool = False  # packed 4-bit weights shard with the rest (quant_storage default)
     quantization: bool = False  # QLoRA verified (tests/test_quantized.py)
     modules_to_save: bool = True  # a trainable full copy of a module can train under it
-    optimizer_state: str = "optimizer.pt"  # what its engine's load_optimizer reads in a checkpoint
+    # what its engine's load_optimizer reads in a checkpoint (any one of them)
+    optimizer_state: tuple[str, ...] = ("optimizer.pt",)
     # called with (config, world size) before the model loads; the returned object is kept
     # alive while transformers' from_pretrained runs (ZeRO-3: load straight into partitions)
     loading_context: Optional[Callable[[EngineConfig, int], object]] = None
@@ -60,16 +61,19 @@ def _zero3_loading(config: EngineConfig, world_size: int):
 
 
 _DEMO = "dist-adapters train configs/demo.yaml"
-_ZERO_STATE = "adapter_optimizer.pt"  # ZeRO's full adapter moments (deepspeed/ only at the same world size)
+# ZeRO: the adapter's full moments (any world size), or DeepSpeed's own checkpoint (the same one)
+_ZERO_STATE = ("adapter_optimizer.pt", "deepspeed")
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
     Strategy("none", _none, "one process, the model as it is",
              f"{_DEMO} --set parallel.strategy=none launch.nproc_per_node=1", multi_process=False, quantization=True),
     Strategy("ddp", ddp.DDPEngine, "torch DDP: adapter gradients all-reduced, accumulation with `no_sync`; "
              "the demo config's 2 processes", _DEMO, quantization=True),
     Strategy("fsdp1", fsdp.FSDP1Engine, "FSDP1, adapter leaves in their own units (`use_orig_params: false` works)",
-             "dist-adapters train configs/fsdp1.yaml", shards_parameters=True, quantization=True, optimizer_state="dcp"),
+             "dist-adapters train configs/fsdp1.yaml", shards_parameters=True, quantization=True,
+             optimizer_state=("dcp",)),
     Strategy("fsdp2", fsdp.FSDP2Engine, "FSDP2 `fully_shard` per block, then the root",
-             "dist-adapters train configs/fsdp2.yaml", shards_parameters=True, quantization=True, optimizer_state="dcp"),
+             "dist-adapters train configs/fsdp2.yaml", shards_parameters=True, quantization=True,
+             optimizer_state=("dcp",)),
     Strategy("zero1", _zero(1), "DeepSpeed ZeRO-1: optimizer state partitioned",
              "dist-adapters train configs/zero3.yaml --set parallel.strategy=zero1", optimizer_state=_ZERO_STATE),
     Strategy("zero2", _zero(2), "DeepSpeed ZeRO-2: optimizer state and gradients partitioned",
@@ -80,11 +84,11 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
     Strategy("tp", tensor.TPEngine,
              "DTensor tensor parallel over all ranks (`parallel.tp_size` = world size); every rank sees the same "
              "samples", "dist-adapters train configs/tp.yaml", tensor_parallel=True, data_parallel=False,
-             modules_to_save=False, optimizer_state="dcp"),
+             modules_to_save=False, optimizer_state=("dcp",)),
     Strategy("fsdp2_tp", _fsdp2_tp,
              "2-D mesh (dp x tp): tensor parallel inside groups of `tp_size` ranks, FSDP2 across them",
              "dist-adapters train configs/tp.yaml --set parallel.strategy=fsdp2_tp parallel.tp_size=2",
-             tensor_parallel=True, modules_to_save=False, optimizer_state="dcp"),
+             tensor_parallel=True, modules_to_save=False, optimizer_state=("dcp",)),
 ]}
 
 

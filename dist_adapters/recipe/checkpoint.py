@@ -95,12 +95,12 @@ def check_resumable(directory: str, strategy) -> dict:
     from ..parallel.strategies import STRATEGIES
 
     state = read_state(directory)
-    if not os.path.exists(os.path.join(directory, strategy.optimizer_state)):
+    if not any(os.path.exists(os.path.join(directory, name)) for name in strategy.optimizer_state):
         written = state.get("strategy", "another strategy")
         readers = ", ".join(n for n, s in STRATEGIES.items() if s.optimizer_state == strategy.optimizer_state)
         raise RecipeError(f"train.resume_from {directory!r} was written under parallel.strategy {written!r}; "
                           f"{strategy.name!r} resumes only checkpoints of {readers} (it reads "
-                          f"{strategy.optimizer_state}); resume with the strategy that wrote it")
+                          f"{' or '.join(strategy.optimizer_state)}); resume with the strategy that wrote it")
     return state
 
 
