@@ -29,7 +29,6 @@ UNSUPPORTED_LORA_FIELDS: dict[str, Any] = {
     "corda_config": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
-    "target_parameters": None,
     "arrow_config": None,
     "use_bdlora": None,
     "kasa_config": None,
@@ -117,6 +116,7 @@ class LoraConfig(_PeftConfigBase):
     r: int = 8
     target_modules: Optional[Union[list[str], str]] = None
     exclude_modules: Optional[Union[list[str], str]] = None
+    target_parameters: Optional[list[str]] = None  # parameter names or suffixes (MoE experts, routers)
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     fan_in_fan_out: bool = False
@@ -140,6 +140,8 @@ class LoraConfig(_PeftConfigBase):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
         if isinstance(self.loftq_config, dict) and self.loftq_config:
             self.loftq_config = LoftQConfig(**self.loftq_config)
         self.validate()
@@ -171,6 +173,10 @@ class LoraConfig(_PeftConfigBase):
                 raise ValueError("LoraConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
             if self.layers_pattern:
                 raise ValueError("LoraConfig.layers_pattern cannot be used when target_modules is a str (regex)")
+        if self.target_parameters is not None and (not isinstance(self.target_parameters, list) or not all(
+                isinstance(t, str) and t for t in self.target_parameters)):
+            raise ValueError(f"LoraConfig.target_parameters must be a list of parameter names, "
+                             f"got {self.target_parameters!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("LoraConfig.layers_pattern is set but layers_to_transform is not")
         tti = self.trainable_token_indices

@@ -30,6 +30,7 @@ from torch import nn
 from .config import LoraConfig, TrainableTokensConfig, get_pattern_key
 from .control import adapter_configs, adapter_layers, unwrap
 from .init.loftq import apply_loftq
+from .inject_parameters import convert_moe_targets, inject_parameters, moe_family
 from .layers import optional, registry
 from .layers.lora import LoraEmbedding, LoraLinear
 from .layers.modules_to_save import ModulesToSave
@@ -117,6 +118,12 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig, names: list[str
                 f"set target_modules (e.g. 'all-linear'); some module names: {_sample(names)}"
             )
         config.target_modules = list(DEFAULT_TARGETS[model_type])
+    family = moe_family(model)
+    if family is not None:  # experts and routers are parameters in transformers v5 (inject_parameters.py)
+        head = _output_head_name(model)
+        leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                  if n and n != head and n in names and isinstance(m, registry.linear_kinds())}
+        convert_moe_targets(config, family, leaves)
     if config.target_modules == "all-linear":
         head = _output_head_name(model)
         kinds = registry.linear_kinds()
@@ -159,7 +166,7 @@ def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> int
     optional.load_for(model)
     names = _candidate_names(model)
     resolve_target_modules(model, config, names)
-    adapted = 0
+    adapted = inject_parameters(model, config, adapter_name, names, _replace, access.full_shape)
     for name in list(dict.fromkeys(names)):
         if not is_target(config, name):
             continue
@@ -183,7 +190,7 @@ def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> int
         adapted += 1
     if adapted == 0:
         raise ValueError(
-            f"no module of {type(model).__name__} was adapted: target_modules={config.target_modules!r} "
+            f"no module or parameter of {type(model).__name__} was adapted: target_modules={config.target_modules!r} "
             f"matched only excluded modules or layers outside layers_to_transform={config.layers_to_transform!r}"
         )
     return adapted

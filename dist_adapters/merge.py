@@ -41,7 +41,11 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     Returns the unwrapped model (the same object, modified in place).
     """
     inner = unwrap(model)
+    replaced: list[str] = []
     for name, layer in list(adapter_layers(inner)):
+        if any(name.startswith(done + ".") for done in replaced):
+            continue  # nested in a layer already unloaded (LoraParameter chains unload as one)
+        replaced.append(name)
         with full_weights(layer, model):
             plain = layer.unloaded(merge)
         parent_name, _, child = name.rpartition(".")

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from .experts import ExpertFactorA, ExpertFactorB, WeightFactor
 from .lora import AdapterLayer, EmbeddingFactor, LoraEmbedding, LoraFactor, LoraLinear
 from .modules_to_save import ModulesToSave
 from .tokens import TiedTokensHead, TokenRows
@@ -27,7 +28,8 @@ _LINEAR_KINDS: set[type] = set()
 ADAPTER_LAYER_TYPES: tuple[type, ...] = (AdapterLayer, ModulesToSave, TiedTokensHead)
 # Leaves that hold trainable adapter tensors, each read only in its own forward (rule 1 of
 # docs/architecture.md): what an engine wraps, shards or replicates as a unit.
-ADAPTER_LEAF_TYPES: tuple[type, ...] = (LoraFactor, EmbeddingFactor, TokenRows)
+ADAPTER_LEAF_TYPES: tuple[type, ...] = (LoraFactor, EmbeddingFactor, TokenRows, ExpertFactorA, ExpertFactorB,
+                                         WeightFactor)
 
 
 def register_lora_layer(base_type: type, factory: LoraFactory, linear: bool = False) -> None:
