@@ -27,6 +27,7 @@ RUN = [
     "dist-adapters train configs/demo.yaml --set 'model.quantization={bits: 4, quant_type: nf4}' "
     "parallel.strategy=none launch.nproc_per_node=1",
     ".venv/bin/python benchmarks/lora_linear.py",
+    "dist-adapters train configs/moe.yaml --set parallel.strategy=fsdp2",
 ]
 # Launch commands for other machines: `launch --dry-run` must accept them and build the command.
 DRY_RUN = [
@@ -45,6 +46,7 @@ TESTED_BY = {
     "make test": "tests/test_readme.py::test_make_test_is_what_ci_runs",
     'make test PYTEST_ARGS="-k interop -x"': "tests/test_readme.py::test_make_test_is_what_ci_runs",
     "dist-adapters train configs/demo.yaml": "tests/test_recipe.py::test_demo_config_two_ranks_loss_falls_and_peft_reproduces",
+    "dist-adapters train configs/moe.yaml": "tests/test_moe.py::test_moe_recipe_under_each_engine_equals_single_process",
     "dist-adapters train configs/demo.yaml --set launch.launcher=mpirun launch.nproc_per_node=2 parallel.strategy=ddp":
         "tests/test_launcher.py::test_other_launchers_give_the_same_adapter",
     "sbatch launch/slurm.sbatch configs/fsdp2.yaml": "tests/test_launcher.py::test_launch_scripts_parse_and_example_hostfile_is_valid",

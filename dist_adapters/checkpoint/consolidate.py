@@ -205,6 +205,13 @@ def _save(tensors: dict, path: str) -> None:
                for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
+def _expert_rank(config, rank_dim) -> bool:
+    """An expert factor of ``target_parameters`` stacks E experts' ranks: [E*r, in] / [out, r*E]
+    (which parameter a nested key belongs to depends on the model, so any configured r may apply)."""
+    ranks = {config.r, *config.rank_pattern.values()}
+    return bool(config.target_parameters) and rank_dim is not None and any(rank_dim % r == 0 for r in ranks)
+
+
 def check_shapes(tensors: dict, config, origin: str) -> None:
     """lora_A [r, in] / lora_B [out, r] with r of the config, A and B agreeing, token rows
     matching the indices; errors name the key and the config file."""
@@ -218,13 +225,17 @@ def check_shapes(tensors: dict, config, origin: str) -> None:
                 raise CheckpointError(f"key {key!r} is a LoRA factor but {origin} is not a LoRA config")
             r = _rank_for(config, module)
             is_a = key.endswith(("lora_A.weight", "lora_embedding_A"))
-            if len(t.shape) != 2 or t.shape[0 if is_a else 1] != r:
+            rank_dim = t.shape[0 if is_a else 1] if len(t.shape) == 2 else None
+            if rank_dim != r and not _expert_rank(config, rank_dim):
                 want = "[r, in]" if is_a else "[out, r]"
                 raise CheckpointError(f"key {key!r} has shape {tuple(t.shape)}; lora_{'A' if is_a else 'B'} is "
                                       f"{want} with r={r} from {origin}")
             twin = key.replace("_A", "_B") if is_a else key.replace("_B", "_A")
             if twin not in tensors:
                 raise CheckpointError(f"key {key!r} has no matching {twin!r} in the checkpoint")
+            if tensors[twin].shape[1 if is_a else 0] != rank_dim:
+                raise CheckpointError(f"keys {key!r} {tuple(t.shape)} and {twin!r} {tuple(tensors[twin].shape)} "
+                                      "disagree on the rank")
         elif key.endswith("trainable_tokens_delta"):
             count = _token_count(config, module)
             if count is not None and t.shape[0] != count:

@@ -49,17 +49,28 @@ def builtin_tokenizer():
     return fast
 
 
-def builtin_model(seed: int, tokenizer, dtype: torch.dtype = torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
+BUILTIN_MODELS = ("llama", "moe")
 
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.1, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      attn_implementation="eager")
+
+def builtin_model(seed: int, tokenizer, dtype: torch.dtype = torch.float32, kind: str = "llama"):
+    """``kind``: "llama" (dense), or "moe": a Qwen3-MoE of the same size, 8 experts, top-2, whose
+    experts transformers stores as 3-D parameters (LoRA on them: ``LoraConfig.target_parameters``)."""
+    import transformers
+
+    shared = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1,
+                  tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, attn_implementation="eager")
+    if kind == "moe":
+        cfg = transformers.Qwen3MoeConfig(**shared, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                                          head_dim=32)
+        cls, name = transformers.Qwen3MoeForCausalLM, "dist_adapters/builtin-tiny-moe"
+    else:
+        cfg = transformers.LlamaConfig(**shared)
+        cls, name = transformers.LlamaForCausalLM, "dist_adapters/builtin-tiny-llama"
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(dtype)
-    model.config.name_or_path = "dist_adapters/builtin-tiny-llama"
+    model = cls(cfg).to(dtype)
+    model.config.name_or_path = name
     return model
 
 

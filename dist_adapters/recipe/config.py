@@ -17,6 +17,7 @@ import yaml
 
 from ..config import UNSUPPORTED_LORA_FIELDS, LoraConfig, TrainableTokensConfig, unsupported_value
 from ..parallel.strategies import STRATEGIES
+from .builtin import BUILTIN_MODELS
 
 
 class RecipeError(Exception):
@@ -24,7 +25,7 @@ class RecipeError(Exception):
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"path": None, "dtype": "float32", "quantization": None},
+    "model": {"path": None, "builtin": "llama", "dtype": "float32", "quantization": None},
     "adapter": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
     "data": {"path": None, "seq_len": 64},
     "train": {
@@ -183,6 +184,9 @@ def validate(cfg: dict, where) -> None:
     if par["strategy"] not in STRATEGIES:
         raise RecipeError(f"{where('parallel.strategy')}: unknown parallel.strategy {par['strategy']!r} "
                           f"(one of: {', '.join(STRATEGIES)})")
+    if cfg["model"]["builtin"] not in BUILTIN_MODELS:
+        raise RecipeError(f"{where('model.builtin')}: model.builtin must be one of {', '.join(BUILTIN_MODELS)}, "
+                          f"got {cfg['model']['builtin']!r}")
     if cfg["model"]["dtype"] not in DTYPES:
         raise RecipeError(f"{where('model.dtype')}: model.dtype must be one of {', '.join(DTYPES)}, "
                           f"got {cfg['model']['dtype']!r}")

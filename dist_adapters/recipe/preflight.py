@@ -85,7 +85,7 @@ def check_adapter_fits(cfg: dict, tokenizer) -> None:
 def _meta_model(cfg: dict, tokenizer):
     path = cfg["model"]["path"]
     if path is None:
-        return builtin.builtin_model(cfg["train"]["seed"], tokenizer)
+        return builtin.builtin_model(cfg["train"]["seed"], tokenizer, kind=cfg["model"]["builtin"])
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:

@@ -50,7 +50,7 @@ def _load_model(cfg: dict, accumulation: int, world_size: int, device: torch.dev
     path = cfg["model"]["path"]
     if path is None:
         tokenizer = builtin.builtin_tokenizer()
-        return builtin.builtin_model(cfg["train"]["seed"], tokenizer, dtype), tokenizer
+        return builtin.builtin_model(cfg["train"]["seed"], tokenizer, dtype, cfg["model"]["builtin"]), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     partitioned = None

@@ -1,0 +1,124 @@
+"""fwd+bwd of one mixture-of-experts layer with LoRA on its experts: dist_adapters vs peft's
+``target_parameters``, each in its own subprocess, interleaved over rounds.
+
+Default shape (issue 18's): a Mixtral sparse-MoE block, E=16 experts, top-2, hidden 1024,
+expert intermediate 1024, r=16, 8x128 tokens, fp32, the input requiring grad as inside a network.
+The base experts run transformers' default ``grouped_mm`` implementation under both.
+Prints, per side, the median time per fwd+bwd and the peak memory above the frozen layer (peak
+resident memory during the steps minus resident memory before them, glibc's mmap threshold
+fixed so freed blocks return to the system), then ours/peft for both (targets: time <= 0.7,
+memory <= 0.25).
+
+    python benchmarks/moe_lora.py [--experts 16 --hidden 1024 --inter 1024 --rank 16 --tokens 1024 --rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
+def _peak_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def run_side(side: str, args) -> dict:
+    """In this process: build the block, adapt it, time ``args.iters`` fwd+bwd, measure memory."""
+    import torch
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=args.hidden, intermediate_size=args.inter, num_local_experts=args.experts,
+                           num_experts_per_tok=2)
+    config._experts_implementation = "grouped_mm"
+    block = MixtralSparseMoeBlock(config)
+    torch.nn.init.normal_(block.experts.gate_up_proj, std=0.02)
+    torch.nn.init.normal_(block.experts.down_proj, std=0.02)
+    for p in block.parameters():
+        p.requires_grad_(False)
+    model = torch.nn.Sequential(block)
+    targets = ["gate_up_proj", "down_proj"]
+    if side == "dist_adapters":
+        import dist_adapters as da
+
+        da.inject(model, da.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=[],
+                                       target_parameters=targets))
+    elif side == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=[],
+                                                 target_parameters=targets))
+    with torch.no_grad():  # non-zero B: neither side may shortcut a zero product
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    x = torch.randn(args.tokens // 128, 128, args.hidden, requires_grad=True)
+
+    def step():
+        model(x).sum().backward()
+        x.grad = None
+        for p in model.parameters():
+            p.grad = None
+
+    step()  # warm-up
+    before = _rss_kb()
+    t0 = time.perf_counter()
+    for _ in range(args.iters):
+        step()
+    seconds = (time.perf_counter() - t0) / args.iters
+    return {"seconds": seconds, "peak_above_kb": max(0, _peak_kb() - before)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--inter", type=int, default=1024)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        print(json.dumps(run_side(args.side, args)))
+        return
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    sides = ["frozen", "dist_adapters", "peft"]
+    got: dict[str, list[dict]] = {s: [] for s in sides}
+    for _ in range(args.rounds):
+        for side in sides:
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], capture_output=True,
+                                 text=True, env=env, check=True)
+            got[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"MoE block E={args.experts} top-2, hidden {args.hidden}, intermediate {args.inter}, r={args.rank}, "
+          f"{args.tokens} tokens, fp32; {args.rounds} rounds x {args.iters} iters, one subprocess per side and round")
+    med = {}
+    for side in sides:
+        ts = [r["seconds"] for r in got[side]]
+        mem = statistics.median(r["peak_above_kb"] for r in got[side]) / 1024
+        med[side] = (statistics.median(ts), mem)
+        print(f"  {side:14s} time min/median/max {min(ts) * 1e3:8.1f} / {med[side][0] * 1e3:8.1f} / "
+              f"{max(ts) * 1e3:8.1f} ms   peak memory during fwd+bwd {mem:8.1f} MiB")
+    ratios = [o["seconds"] / p["seconds"] for o, p in zip(got["dist_adapters"], got["peft"])]
+    frozen_mem = med["frozen"][1]
+    mem_ratio = (med["dist_adapters"][1] - frozen_mem) / max(1e-9, med["peft"][1] - frozen_mem)
+    print(f"time ours/peft per round: min/median/max {min(ratios):.3f} / {statistics.median(ratios):.3f} / "
+          f"{max(ratios):.3f} (target <= 0.7)")
+    print(f"memory above the frozen layer's own fwd+bwd, ours/peft: {mem_ratio:.3f} (target <= 0.25)")
+
+
+if __name__ == "__main__":
+    main()
