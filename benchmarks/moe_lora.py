@@ -17,20 +17,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 
-def _rss_kb() -> int:
+def _status_kb(field: str) -> int:
     with open("/proc/self/status", encoding="ascii") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
+def _rss_kb() -> int:
+    return _status_kb("VmRSS")
 
 
 def _peak_kb() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's own peak (VmHWM; ru_maxrss would carry the parent's over fork + exec,
+    docs/field-notes.md)."""
+    return _status_kb("VmHWM")
 
 
 def run_side(side: str, args) -> dict:
