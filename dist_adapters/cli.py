@@ -13,6 +13,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -126,8 +127,6 @@ def _parse_split(items: list[str]) -> dict:
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
-    import os
-
     from .checkpoint.consolidate import consolidate
 
     warn = lambda msg: print(f"dist-adapters consolidate: warning: {msg}", file=sys.stderr)  # noqa: E731
@@ -173,8 +172,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_loftq(args: argparse.Namespace) -> int:
-    import os
-
     from .checkpoint.safetensors_stream import StreamError
     from .init.loftq import loftq_model_dir
 
@@ -212,8 +209,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         preflight(cfg, launch_world_size(launch))  # fail here, once, before any rank starts
         if (launch["nproc_per_node"] > 1 or launch["nnodes"] > 1 or launch["launcher"] != "torchrun"
                 or launch["max_restarts"] or launch["master_addr"]):
-            import os
-
             from .recipe.output import discard_unstarted
 
             existed = os.path.isdir(cfg["train"]["output_dir"])
@@ -243,8 +238,6 @@ def _reporting_rank() -> bool:
     implied = launcher_env()
     if implied is None:
         return True
-    import os
-
     return implied.get("RANK", os.environ.get("RANK", "0")) == "0"
 
 
