@@ -29,7 +29,8 @@ def test_unsupported_module_type_is_named():
 
 
 def test_everything_filtered_out_is_an_error():
-    with pytest.raises(ValueError, match=r"no module of LlamaForCausalLM was adapted: .*layers_to_transform=\[7\]"):
+    with pytest.raises(ValueError, match=r"no module or parameter of LlamaForCausalLM was adapted: "
+                                         r".*layers_to_transform=\[7\]"):
         da.inject(tiny_llama(), da.LoraConfig(target_modules=["q_proj"], layers_to_transform=[7]))
 
 
