@@ -120,9 +120,9 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig, names: list[str
         config.target_modules = list(DEFAULT_TARGETS[model_type])
     family = moe_family(model)
     if family is not None:  # experts and routers are parameters in transformers v5 (inject_parameters.py)
-        head = _output_head_name(model)
+        head, candidates = _output_head_name(model), set(names)
         leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                  if n and n != head and n in names and isinstance(m, registry.linear_kinds())}
+                  if n and n != head and n in candidates and isinstance(m, registry.linear_kinds())}
         convert_moe_targets(config, family, leaves)
     if config.target_modules == "all-linear":
         head = _output_head_name(model)

@@ -80,6 +80,7 @@ def test_peft_moe_adapter_loads_in_ours_and_ours_in_peft(family, tmp_path):
     saved = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
     reference = get_peft_model_state_dict(theirs)
     assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    # bitwise: peft's file -> our load -> our save copies the same numbers, no arithmetic in between
     assert all(torch.equal(saved[k], reference[k]) for k in reference)
 
 
@@ -189,6 +190,7 @@ def test_moe_recipe_under_each_engine_equals_single_process(moe_single, tmp_path
     res = cli("consolidate", str(out / "checkpoints" / "step_4"), str(tmp_path / "converted"), "--quiet")
     assert res.returncode == 0, res.stderr[-2000:]
     converted = load_file(str(tmp_path / "converted" / "adapter_model.safetensors"))
+    # bitwise: step 4's checkpoint and the final adapter hold the same fp32 values, only copied
     assert sorted(converted) == sorted(saved) and all(torch.equal(converted[k], saved[k]) for k in saved)
 
 
