@@ -28,6 +28,7 @@ RUN = [
     "parallel.strategy=none launch.nproc_per_node=1",
     ".venv/bin/python benchmarks/lora_linear.py",
     "dist-adapters train configs/moe.yaml --set parallel.strategy=fsdp2",
+    "dist-adapters train configs/moe.yaml --set parallel.strategy=ep parallel.ep_size=2",
 ]
 # Launch commands for other machines: `launch --dry-run` must accept them and build the command.
 DRY_RUN = [
@@ -47,6 +48,8 @@ TESTED_BY = {
     'make test PYTEST_ARGS="-k interop -x"': "tests/test_readme.py::test_make_test_is_what_ci_runs",
     "dist-adapters train configs/demo.yaml": "tests/test_recipe.py::test_demo_config_two_ranks_loss_falls_and_peft_reproduces",
     "dist-adapters train configs/moe.yaml": "tests/test_moe.py::test_moe_recipe_under_each_engine_equals_single_process",
+    "dist-adapters train configs/moe.yaml --set parallel.strategy=fsdp2_ep parallel.ep_size=2 launch.nproc_per_node=4":
+        "tests/test_moe.py::test_moe_recipe_under_each_engine_equals_single_process",
     "dist-adapters train configs/demo.yaml --set launch.launcher=mpirun launch.nproc_per_node=2 parallel.strategy=ddp":
         "tests/test_launcher.py::test_other_launchers_give_the_same_adapter",
     "sbatch launch/slurm.sbatch configs/fsdp2.yaml": "tests/test_launcher.py::test_launch_scripts_parse_and_example_hostfile_is_valid",

@@ -48,7 +48,8 @@ class ExpertFactorA(nn.Module):
 
 
 class ExpertFactorB(nn.Module):
-    """lora_B of E experts, weight [out, r*E]; expert e's columns are e, e+E, ... (peft's order)."""
+    """lora_B of E experts, weight [out, r*E]; expert e's columns are e, e+E, ... (peft's order),
+    i.e. column j*E + e is [:, j, e] of the view [out, r, E]."""
 
     def __init__(self, num_experts: int, r: int, out_features: int, device=None, dtype=None) -> None:
         super().__init__()
@@ -57,8 +58,10 @@ class ExpertFactorB(nn.Module):
 
     def forward(self, h: torch.Tensor, counts: list[int]) -> torch.Tensor:
         h = h.to(self.weight.dtype)
-        step = self.num_experts
-        parts = [F.linear(seg, self.weight[:, e::step]) for e, seg in enumerate(h.split(counts))]
+        # [out, r, E'] view: expert e is [:, :, e]; the weight may also be held as that view
+        # (with the experts it covers), as expert parallel does (docs/architecture.md)
+        by_expert = self.weight.reshape(self.weight.shape[0], self.r, -1)
+        parts = [F.linear(seg, by_expert[:, :, e]) for e, seg in enumerate(h.split(counts))]
         return torch.cat(parts) if parts else h.new_zeros(0, self.weight.shape[0])
 
 

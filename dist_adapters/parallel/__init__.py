@@ -13,3 +13,4 @@ from . import dtensor  # noqa: F401, I001
 from . import fsdp  # noqa: F401
 from . import deepspeed  # noqa: F401
 from . import megatron  # noqa: F401
+from . import expert  # noqa: F401

@@ -30,6 +30,7 @@ class EngineConfig:
     accumulation: int = 1  # micro steps per optimizer step
     max_grad_norm: Optional[float] = None  # None or 0: no clipping
     tp_size: int = 1
+    ep_size: int = 1  # expert parallel: ranks the experts of one MoE layer are split over
     use_orig_params: bool = False  # FSDP1
     activation_checkpointing: bool = False
     mixed_precision: Optional[torch.dtype] = None  # FSDP1 / FSDP2 compute and reduce dtype

@@ -230,10 +230,13 @@ class FSDP2Engine(ShardedEngine):
     accumulation turns the gradient reduce-scatter off until the last micro step."""
 
     def __init__(self, model, make_optimizer: MakeOptimizer, dist, config: EngineConfig, mesh=None,
-                 data_parallel=None) -> None:
+                 data_parallel=None, ignored_params=None) -> None:
+        """``ignored_params``: left as they are (expert parallel's experts, which it reduces)."""
         if config.activation_checkpointing:
             apply_activation_checkpointing(model)
         kwargs = {"mesh": mesh}
+        if ignored_params:
+            kwargs["ignored_params"] = ignored_params
         if config.mixed_precision:
             from torch.distributed.fsdp import MixedPrecisionPolicy
 

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from . import ddp, deepspeed, fsdp, tensor
+from . import ddp, deepspeed, expert, fsdp, tensor
 from .engine import Engine, EngineConfig, MakeOptimizer
 
 Setup = Callable[[nn.Module, MakeOptimizer, object, EngineConfig], Engine]
@@ -27,6 +27,7 @@ class Strategy:
     multi_process: bool = True  # needs a process group (even at world size 1)
     tensor_parallel: bool = False  # parallel.tp_size applies; tp ranks share samples
     data_parallel: bool = True  # False: all ranks hold one model (tp_size must be the world size)
+    expert_parallel: bool = False  # parallel.ep_size applies: experts sharded over groups of ep_size ranks
     shards_parameters: bool = False  # packed 4-bit weights shard with the rest (quant_storage default)
     quantization: bool = False  # QLoRA verified (tests/test_quantized.py)
     modules_to_save: bool = True  # a trainable full copy of a module can train under it
@@ -48,6 +49,20 @@ def _fsdp2_tp(model, make_optimizer, dist, config) -> Engine:
     tensor.parallelize(model.to(dist.device), mesh["tp"])
     return fsdp.FSDP2Engine(model, make_optimizer, dist, config, mesh=mesh["dp"],
                             data_parallel=(mesh.get_local_rank("dp"), dp))
+
+
+def _ep(model, make_optimizer, dist, config) -> Engine:
+    """Experts over ep (``expert.py``), the rest replicated by DDP, which ignores the experts."""
+    layout = expert.parallelize_experts(model.to(dist.device), expert.expert_mesh(config.ep_size, dist.device))
+    dense = ddp.DDPEngine(model, make_optimizer, dist, config, ignored=layout.params)
+    return expert.ExpertParallelEngine(dense, layout)
+
+
+def _fsdp2_ep(model, make_optimizer, dist, config) -> Engine:
+    """Experts over ep, the rest FSDP2 over all ranks (every rank trains on its own samples)."""
+    layout = expert.parallelize_experts(model.to(dist.device), expert.expert_mesh(config.ep_size, dist.device))
+    dense = fsdp.FSDP2Engine(model, make_optimizer, dist, config, ignored_params=set(layout.params))
+    return expert.ExpertParallelEngine(dense, layout)
 
 
 def _zero(stage: int) -> Setup:
@@ -89,6 +104,15 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
              "2-D mesh (dp x tp): tensor parallel inside groups of `tp_size` ranks, FSDP2 across them",
              "dist-adapters train configs/tp.yaml --set parallel.strategy=fsdp2_tp parallel.tp_size=2",
              tensor_parallel=True, modules_to_save=False, optimizer_state=("dcp",)),
+    Strategy("ep", _ep,
+             "expert parallel: each MoE layer's experts and their LoRA split over `parallel.ep_size` ranks "
+             "(tokens routed by all-to-all), the rest replicated by DDP",
+             "dist-adapters train configs/moe.yaml --set parallel.strategy=ep parallel.ep_size=2",
+             expert_parallel=True),
+    Strategy("fsdp2_ep", _fsdp2_ep,
+             "experts over `parallel.ep_size` ranks as in `ep`, the rest FSDP2 over all ranks",
+             "dist-adapters train configs/moe.yaml --set parallel.strategy=fsdp2_ep parallel.ep_size=2 "
+             "launch.nproc_per_node=4", expert_parallel=True, shards_parameters=True),
 ]}
 
 

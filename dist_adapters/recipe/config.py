@@ -34,7 +34,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "weight_decay": 0.0, "warmup_steps": 0, "lr_schedule": "constant", "max_grad_norm": 1.0,
         "optimizer": "adamw",
     },
-    "parallel": {"strategy": "none", "tp_size": 1, "use_orig_params": False, "deepspeed_config": None,
+    "parallel": {"strategy": "none", "tp_size": 1, "ep_size": 1, "use_orig_params": False, "deepspeed_config": None,
                  "activation_checkpointing": False, "mixed_precision": None},
     "launch": {"launcher": "torchrun", "nproc_per_node": 1, "nnodes": 1, "node_rank": 0, "master_addr": None,
                "master_port": None, "local_addr": None, "hostfile": None, "max_restarts": 0,
@@ -121,6 +121,7 @@ NUMBERS = {
     "train.lr": float, "train.weight_decay": float, "train.max_grad_norm": float, "train.steps": int,
     "train.global_batch_size": int, "train.micro_batch_size": int, "train.checkpoint_every": int,
     "train.warmup_steps": int, "train.seed": int, "data.seq_len": int, "parallel.tp_size": int,
+    "parallel.ep_size": int,
     "launch.nproc_per_node": int, "launch.nnodes": int, "launch.node_rank": int, "launch.master_port": int,
     "launch.max_restarts": int, "launch.timeout_minutes": float,
 }
@@ -203,7 +204,8 @@ def validate(cfg: dict, where) -> None:
         raise RecipeError(f"{where('train.max_grad_norm')}: train.max_grad_norm must be a number >= 0 or null "
                           f"(no clipping), got {clip!r}")
     for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "train.checkpoint_every",
-                "data.seq_len", "launch.nproc_per_node", "launch.nnodes", "parallel.tp_size"):
+                "data.seq_len", "launch.nproc_per_node", "launch.nnodes", "parallel.tp_size",
+                "parallel.ep_size"):
         _positive_int(cfg, key, where)
     _positive_int(cfg, "train.warmup_steps", where, minimum=0)
     for key in ("train.overwrite", "parallel.use_orig_params", "parallel.activation_checkpointing"):
@@ -261,6 +263,7 @@ def data_parallel_size(cfg: dict, world_size: int) -> int:
     """How many ranks train on different samples: the world, or world / tp_size under tensor
     parallel (the ranks of one tensor-parallel group see the same samples)."""
     strategy, tp = cfg["parallel"]["strategy"], cfg["parallel"]["tp_size"]
+    _check_expert_parallel(strategy, cfg["parallel"]["ep_size"], world_size)
     if not STRATEGIES[strategy].tensor_parallel:
         if tp != 1:
             with_tp = " or ".join(name for name, s in STRATEGIES.items() if s.tensor_parallel)
@@ -273,6 +276,19 @@ def data_parallel_size(cfg: dict, world_size: int) -> int:
     if world_size % tp:
         raise RecipeError(f"parallel.tp_size ({tp}) must divide the world size ({world_size})")
     return world_size // tp
+
+
+def _check_expert_parallel(strategy: str, ep: int, world_size: int) -> None:
+    with_ep = " or ".join(name for name, s in STRATEGIES.items() if s.expert_parallel)
+    if not STRATEGIES[strategy].expert_parallel:
+        if ep != 1:
+            raise RecipeError(f"parallel.ep_size {ep} needs parallel.strategy {with_ep}, not {strategy!r}")
+        return
+    if ep < 2:
+        raise RecipeError(f"parallel.strategy {strategy} shards the experts over parallel.ep_size ranks: set "
+                          "parallel.ep_size to 2 or more")
+    if world_size % ep:
+        raise RecipeError(f"parallel.ep_size ({ep}) must divide the world size ({world_size})")
 
 
 def check_world(cfg: dict, world_size: int) -> int:

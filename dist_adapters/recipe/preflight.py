@@ -4,7 +4,8 @@
 second with one line instead of in every rank with its traceback; each rank runs it again
 (it is also the entry of a rank started by the user's own torchrun). It reads, never writes:
 
-    strategy and world       the strategy table (parallel/strategies.py), batch divisibility
+    strategy and world       the strategy table (parallel/strategies.py), batch divisibility,
+                             experts that parallel.ep_size divides
     model.path, tokenizer    the directory, its tokenizer (loaded), its config (read)
     adapter                  injected into the model built on the meta device (no weights, no
                              memory): target_modules typos, token indices out of range, layers
@@ -80,6 +81,21 @@ def check_adapter_fits(cfg: dict, tokenizer) -> None:
         inject(model, adapter_config(cfg))
     except ValueError as exc:
         raise RecipeError(f"adapter: {exc}") from None
+    if STRATEGIES[cfg["parallel"]["strategy"]].expert_parallel:
+        _check_experts_split(model, cfg["parallel"]["ep_size"])
+
+
+def _check_experts_split(model, ep_size: int) -> None:
+    """Expert parallel needs experts modules whose expert count ep_size divides."""
+    from ..parallel.expert import experts_modules
+
+    found = experts_modules(model)
+    if not found:
+        raise RecipeError("parallel.strategy ep / fsdp2_ep: the model has no mixture-of-experts layer (transformers' "
+                          "experts interface); use ddp or fsdp2")
+    counts = sorted({experts.num_experts for _, experts in found})
+    if any(count % ep_size for count in counts):
+        raise RecipeError(f"parallel.ep_size {ep_size} must divide the number of experts per layer ({counts[0]})")
 
 
 def _meta_model(cfg: dict, tokenizer):

@@ -38,6 +38,7 @@ def engine_config(cfg: dict, accumulation: int) -> EngineConfig:
     precision = parallel["mixed_precision"]
     return EngineConfig(micro_batch_size=train_cfg["micro_batch_size"], accumulation=accumulation,
                         max_grad_norm=train_cfg["max_grad_norm"], tp_size=parallel["tp_size"],
+                        ep_size=parallel["ep_size"],
                         use_orig_params=parallel["use_orig_params"],
                         activation_checkpointing=parallel["activation_checkpointing"],
                         mixed_precision=getattr(torch, precision) if precision else None,

@@ -1,0 +1,278 @@
+"""Expert parallel: strategies ``ep`` and ``fsdp2_ep`` (built in ``strategies.py``).
+
+Layout, on a 2-D mesh (dp, ep) of all ranks (dp = world / ep_size; every rank trains on its own
+samples): each experts module (transformers' experts interface, ``transformers.integrations.moe``:
+``num_experts`` and weights stacked ``[E, ...]``) keeps experts ``k*E/ep .. (k+1)*E/ep - 1`` on
+ep rank k, replicated over dp. Its weights and biases, and the LoRA factors of them, become
+DTensors placed ``[Replicate(), Shard(d)]``: the weights on dim 0; lora_A ``[E*r, in]`` (expert-
+major rows) on dim 0; lora_B, whose PEFT layout ``[out, r*E]`` is rank-major (expert e owns
+columns e, e+E, ...), is stored as its view ``[out, r, E]`` sharded on dim 2, which the layer
+reads as it is (``layers/experts.py``), and which ``ExpertViewAccess`` below turns back into
+``[out, r*E]`` whenever it is read or written whole. The rest of the model belongs to the dense
+engine, which ignores the expert parameters: DDP (``ep``) or FSDP2 over all ranks (``fsdp2_ep``).
+
+Collectives, with their backward pairs:
+- dispatch (transformers' ``AllToAllEP``, ``transformers/distributed/expert_parallel.py``, which
+  runs on gloo): ``all_to_all_single`` of the per-expert token counts (no gradient);
+  ``all_to_all_single_autograd`` of the routed tokens to the experts' ranks, whose backward is
+  the reverse all-to-all of the token gradients; the same of the expert outputs back to the
+  tokens' ranks (backward: the reverse all-to-all). The routing weights are applied on the
+  token's own rank, so their gradient stays local. A rank whose experts receive no token still
+  runs both exchanges (with empty buffers), so nothing hangs and those gradients are zero.
+- ``finish_step``: one ``all_reduce`` (sum) of the expert gradients over the dp group (the
+  replicas of the same experts; skipped when dp = 1), then division by the data-parallel size,
+  the average DDP and FSDP2 take of the dense gradients. No backward (after backward).
+- gradient norm: one ``all_reduce`` (sum) of local squared norms (``engine.sharded_grad_norm``).
+- reading whole (save, merge): ``full_tensor``, an all-gather over ep; writing: each rank keeps
+  its slice of the full value (no collective).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..layers.experts import ExpertFactorA, ExpertFactorB, LoraParameter
+from . import access
+from .engine import Engine, sharded_grad_norm
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
+
+
+def experts_modules(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(module at the experts' place, the experts module): the place holds the experts module
+    itself, or the outermost ``LoraParameter`` of a chain around it (the one that runs it)."""
+    held = {id(m.base_layer) for m in model.modules() if isinstance(m, LoraParameter)}
+    found = []
+    for module in model.modules():
+        if id(module) in held:
+            continue
+        inner = module.target_module if isinstance(module, LoraParameter) else module
+        if hasattr(inner, "num_experts") and hasattr(inner, "has_gate") and any(
+                p.dim() == 3 for p in inner.parameters(recurse=False)):
+            found.append((module, inner))
+    return found
+
+
+@dataclass
+class ExpertLayout:
+    mesh: object  # DeviceMesh (dp, ep)
+    params: list = field(default_factory=list)  # every expert parameter, frozen or trainable
+
+    @property
+    def dp_group(self):
+        return self.mesh["dp"].get_group()
+
+    @torch.no_grad()
+    def reduce_gradients(self, data_parallel_size: int) -> None:
+        """Sum over the replicas (dp group), then the dense engines' average: one all_reduce."""
+        grads = [p.grad.to_local() for p in self.params if p.requires_grad and p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if self.mesh["dp"].size() > 1:
+            torch.distributed.all_reduce(flat, group=self.dp_group)
+        flat.div_(data_parallel_size)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def expert_mesh(ep_size: int, device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = torch.distributed.get_world_size()
+    return init_device_mesh(device.type, (world // ep_size, ep_size, 1), mesh_dim_names=("dp", "ep", "tp"))
+
+
+def parallelize_experts(model: nn.Module, mesh) -> ExpertLayout:
+    """Shard every experts module (and its LoRA) over ``mesh["ep"]`` and route its tokens with
+    transformers' all-to-all dispatch; returns the layout (the parameters the dense engine must
+    ignore)."""
+    layout = ExpertLayout(mesh)
+    ep = mesh["ep"].size()
+    places = experts_modules(model)
+    if not places:
+        raise ValueError("parallel.strategy ep / fsdp2_ep: the model has no experts module (transformers' "
+                         "experts interface); use ddp or fsdp2")
+    for place, experts in places:
+        total = experts.num_experts
+        if total % ep:
+            raise ValueError(f"{type(experts).__name__} has {total} experts, which parallel.ep_size {ep} does not divide")
+        for name, p in list(experts.named_parameters(recurse=False)):
+            if p.dim() >= 1 and p.shape[0] == total:
+                layout.params.append(_shard(experts, name, 0, mesh))
+        for layer in place.chain() if isinstance(place, LoraParameter) else []:
+            if layer.weight.dim() != 3:
+                continue
+            for adapter in layer.lora_A:
+                a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+                layout.params.append(_shard(a, "weight", 0, mesh))
+                flat = b.weight.shape
+                b.weight = nn.Parameter(b.weight.detach().reshape(flat[0], -1, total), requires_grad=b.weight.requires_grad)
+                layout.params.append(_shard(b, "weight", 2, mesh, peft_shape=flat))
+        experts.num_experts = total // ep
+        _install_dispatch(place, experts, mesh)
+    return layout
+
+
+def _shard(module: nn.Module, name: str, dim: int, mesh, peft_shape=None) -> nn.Parameter:
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    p = getattr(module, name)
+    # every rank built the same full tensor (same seed): each keeps its slice, no communication
+    value = distribute_tensor(p.detach(), mesh["dp", "ep"], [Replicate(), Shard(dim)], src_data_rank=None)
+    new = nn.Parameter(value, requires_grad=p.requires_grad)
+    if peft_shape is not None:
+        _PEFT_SHAPES[id(new)] = (new.shape, torch.Size(peft_shape))
+    setattr(module, name, new)
+    return new
+
+
+@contextmanager
+def _local_params(modules: list[nn.Module]) -> Iterator[None]:
+    """The modules' DTensor parameters as their local shards (differentiable ``to_local``)."""
+    swapped = []
+    for module in modules:
+        for name, p in list(module._parameters.items()):
+            if p is not None and _is_dtensor(p):
+                module._parameters[name] = p.to_local()
+                swapped.append((module, name, p))
+    try:
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
+def _install_dispatch(place: nn.Module, experts: nn.Module, mesh) -> None:
+    from transformers.distributed.expert_parallel import AllToAllEP
+
+    implementation = AllToAllEP(experts, mesh["ep"], mesh["tp"])
+    implementation.experts_forward = place.forward  # the experts (with their LoRA) on local expert ids
+    holders = [experts] + [m for m in place.modules() if isinstance(m, (ExpertFactorA, ExpertFactorB))]
+
+    def ep_forward(hidden_states, top_k_index, top_k_weights):
+        with _local_params(holders):
+            return implementation(hidden_states, top_k_index, top_k_weights).to(hidden_states.dtype)
+
+    place.forward = ep_forward
+
+
+# lora_B parameters of sharded experts: id -> (its [out, r, E] shape, its PEFT shape). An
+# attribute set on a DTensor parameter does not survive ``Module.to`` (which swaps the tensor's
+# contents, and refuses tensors with weak references), so the mark is kept here.
+_PEFT_SHAPES: dict[int, tuple[torch.Size, torch.Size]] = {}
+
+
+def _peft_shape(p):
+    entry = _PEFT_SHAPES.get(id(p))
+    return entry[1] if entry is not None and p.shape == entry[0] and _is_dtensor(p) else None
+
+
+class ExpertViewAccess(access.Access):
+    """lora_B of sharded experts, stored as its ``[out, r, E]`` view: read and written whole in
+    the PEFT shape ``[out, r*E]``."""
+
+    name = "expert_view"
+
+    def claims_param(self, p) -> bool:
+        return _peft_shape(p) is not None
+
+    def full_shape(self, p) -> torch.Size:
+        return _peft_shape(p)
+
+    def read_full(self, p):
+        return p.full_tensor().reshape(_peft_shape(p))
+
+    @torch.no_grad()
+    def write_full(self, p, value) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        value = value.to(p.device, p.dtype).reshape(p.shape)
+        p.to_local().copy_(distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None).to_local())
+
+
+access.register(ExpertViewAccess())
+
+
+class ExpertParallelEngine(Engine):
+    """The dense engine (DDP or FSDP2, built over the model with the expert parameters ignored)
+    plus the expert layout: expert gradients are reduced before the step, the gradient norm
+    counts every tensor once, and the optimizer state is saved whole (``optimizer.pt``, as the
+    replicated engines write it), so it resumes under none / ddp / ep / fsdp2_ep at any size."""
+
+    def __init__(self, dense: Engine, layout: ExpertLayout) -> None:
+        self.dense, self.layout = dense, layout
+        self.dist, self.config, self.model = dense.dist, dense.config, dense.model
+        self.data_parallel, self.optimizer = dense.data_parallel, dense.optimizer
+
+    def accumulating(self, last_micro_step: bool):
+        return self.dense.accumulating(last_micro_step)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.dense.backward(loss)
+
+    def grad_norm(self) -> torch.Tensor:
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        replicated = sum((p.grad.double().pow(2).sum() for p in params if not _is_dtensor(p.grad)),
+                         torch.zeros((), dtype=torch.float64, device=self.dist.device))
+        sharded = sharded_grad_norm([p for p in params if _is_dtensor(p.grad)], self.dist.device).double()
+        return (replicated + sharded.pow(2)).sqrt().float()
+
+    def finish_step(self) -> float:
+        self.layout.reduce_gradients(self.dp_size)
+        return super().finish_step()
+
+    def _ordered(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def save_optimizer(self, directory: str) -> None:
+        """Every rank enters (expert and FSDP2 states are all-gathered); rank 0 writes."""
+        state = {}
+        for index, p in enumerate(self._ordered()):
+            values = self.optimizer.state.get(p, {})
+            state[index] = {key: _whole(values[key], p) for key in sorted(values)}
+        if self.dist.is_main:
+            groups = self.optimizer.state_dict()["param_groups"]
+            torch.save({"state": state, "param_groups": groups}, os.path.join(directory, "optimizer.pt"))
+
+    def load_optimizer(self, directory: str) -> None:
+        saved = torch.load(os.path.join(directory, "optimizer.pt"), map_location=self.dist.device, weights_only=True)
+        params = self._ordered()
+        if len(saved["state"]) > len(params):
+            raise ValueError(f"{directory}/optimizer.pt holds state of {len(saved['state'])} parameters; "
+                             f"this model trains {len(params)}")
+        state = {i: {k: _placed(v, params[i]) for k, v in values.items()} for i, values in saved["state"].items()}
+        self.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+def _whole(value, p):
+    """An optimizer state tensor of ``p`` whole, in the PEFT shape (scalars as they are)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if _is_dtensor(value):
+        value = value.full_tensor()
+    if value.dim() and math.prod(value.shape) == math.prod(access.full_shape(p)):
+        value = value.reshape(access.full_shape(p))
+    return value.detach().cpu().clone()
+
+
+def _placed(value, p):
+    """A whole optimizer state tensor as ``p`` holds it (each rank keeps its slice)."""
+    if not (isinstance(value, torch.Tensor) and value.dim() and _is_dtensor(p)):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.reshape(p.shape), p.device_mesh, p.placements, src_data_rank=None)
