@@ -165,7 +165,12 @@ def _candidate_names(model: nn.Module) -> list[str]:
 def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> int:
     optional.load_for(model)
     names = _candidate_names(model)
+    every_linear = config.target_modules == "all-linear"
     resolve_target_modules(model, config, names)
+    for name in names:
+        reason = registry.refusal_for(model.get_submodule(name))
+        if reason and (every_linear or is_target(config, name)):
+            raise NotImplementedError(f"{name}: {reason}")
     adapted = inject_parameters(model, config, adapter_name, names, _replace, access.full_shape)
     for name in list(dict.fromkeys(names)):
         if not is_target(config, name):

@@ -200,6 +200,9 @@ def test_unsupported_options_are_refused_by_name(runs, tp):
     if tp == "tp2":
         assert "sequence_parallel=True is not implemented" in got["sequence_parallel_error"]
         assert "LoRA over an expert ColumnParallelLinear (is_expert=True) is not implemented" in got["refused_expert"]
+        # a real Megatron-core MoE experts container under all-linear: refused by name, with the way out
+        assert "LoRA over an expert ColumnParallelLinear" in got["refused_moe_experts"]
+        assert "target_parameters" in got["refused_moe_experts"]
         assert "save_megatron_shards with pipeline parallelism" in got["refused_pipeline"]
 
 

@@ -30,6 +30,8 @@ they raise ``NotImplementedError`` rather than train silently wrong.
 from __future__ import annotations
 
 import math
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -38,7 +40,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from torch import nn
 
 from .lora import AdapterLayer, LoraFactor, _adapter_dtype, lora_scaling
-from .registry import register_lora_layer
+from .registry import register_lora_layer, register_refusal
 
 
 def _group_size(group) -> int:
@@ -110,7 +112,8 @@ def _check_supported(base: nn.Module) -> None:
                                   "(the replicated LoRA factor's gradient would be partial per rank); "
                                   "set ModelParallelConfig(sequence_parallel=False)")
     if getattr(base, "explicit_expert_comm", False):
-        raise NotImplementedError(f"LoRA over an expert {kind} (is_expert=True) is not implemented")
+        raise NotImplementedError(f"LoRA over an expert {kind} (is_expert=True) is not implemented: "
+                                  f"{_MOE_HINT}")
     if getattr(base, "disable_grad_reduce", False):
         raise NotImplementedError(f"LoRA over a {kind} with disable_grad_reduce=True is not implemented")
 
@@ -267,5 +270,19 @@ def _factory(cls):
     return make
 
 
+_MOE_HINT = ("Megatron-core MoE experts get no LoRA here (exclude them with LoraConfig(exclude_modules=[...])); "
+             "LoRA on experts runs on transformers' MoE models (LoraConfig.target_parameters)")
+
+
+def _grouped_experts(module: nn.Module) -> Optional[str]:
+    """Megatron-core's grouped experts hold their weights as parameters (weight1 / weight2), not
+    as Linear layers: "all-linear" would pass over them without a word."""
+    cls = type(module)
+    if cls.__module__.startswith("megatron.core.transformer.moe") and cls.__name__ in ("GroupedMLP", "TEGroupedMLP"):
+        return f"LoRA over Megatron-core grouped experts ({cls.__name__}) is not implemented: {_MOE_HINT}"
+    return None
+
+
+register_refusal(_grouped_experts)
 register_lora_layer(ColumnParallelLinear, _factory(LoraColumnParallelLinear), linear=True)
 register_lora_layer(RowParallelLinear, _factory(LoraRowParallelLinear), linear=True)

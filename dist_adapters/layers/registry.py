@@ -40,6 +40,19 @@ def register_lora_layer(base_type: type, factory: LoraFactory, linear: bool = Fa
         _LINEAR_KINDS.add(base_type)
 
 
+# Modules LoRA must not pass over in silence (e.g. fused expert containers with no Linear
+# inside, which "all-linear" would skip): module -> reason, or None.
+_REFUSALS: list[Callable[[nn.Module], Optional[str]]] = []
+
+
+def register_refusal(check: Callable[[nn.Module], Optional[str]]) -> None:
+    _REFUSALS.append(check)
+
+
+def refusal_for(module: nn.Module) -> Optional[str]:
+    return next((reason for reason in (check(module) for check in _REFUSALS) if reason), None)
+
+
 def factory_for(module: nn.Module) -> Optional[LoraFactory]:
     for cls in type(module).__mro__:
         if cls in _LORA_DISPATCH:

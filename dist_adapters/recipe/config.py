@@ -25,7 +25,8 @@ class RecipeError(Exception):
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"path": None, "builtin": "llama", "dtype": "float32", "quantization": None},
+    "model": {"path": None, "builtin": "llama", "dtype": "float32", "quantization": None,
+              "output_router_logits": None},
     "adapter": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
     "data": {"path": None, "seq_len": 64},
     "train": {
@@ -188,6 +189,9 @@ def validate(cfg: dict, where) -> None:
     if cfg["model"]["builtin"] not in BUILTIN_MODELS:
         raise RecipeError(f"{where('model.builtin')}: model.builtin must be one of {', '.join(BUILTIN_MODELS)}, "
                           f"got {cfg['model']['builtin']!r}")
+    if cfg["model"]["output_router_logits"] not in (None, True, False):
+        raise RecipeError(f"{where('model.output_router_logits')}: model.output_router_logits must be true, false "
+                          f"or null (the model config's own), got {cfg['model']['output_router_logits']!r}")
     if cfg["model"]["dtype"] not in DTYPES:
         raise RecipeError(f"{where('model.dtype')}: model.dtype must be one of {', '.join(DTYPES)}, "
                           f"got {cfg['model']['dtype']!r}")

@@ -13,12 +13,15 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..checkpoint.atomic import atomic_write_text
 from ..checkpoint.peft_format import save_adapter
+from ..control import unwrap
 from ..inject import inject
 from ..launcher import DistInfo, init_distributed
 from ..parallel.engine import EngineConfig
@@ -201,8 +204,30 @@ def _adapted_model(cfg: dict, dist: DistInfo, accumulation: int):
     return model, tokenizer
 
 
-def _train_step(engine, data: TextData, step: int, tr: dict, dist: DistInfo) -> tuple[float, float, float]:
-    """One optimizer step over the global batch of ``step``: (loss, grad norm, target tokens)."""
+@dataclass(frozen=True)
+class RouterAux:
+    """A mixture-of-experts family's load-balancing loss (transformers' ``aux_loss``, computed per
+    forward from the router logits): always logged; added to the training loss, times the family's
+    ``router_aux_loss_coef``, when the model config's ``output_router_logits`` is true."""
+
+    train: bool
+    coef: float
+
+
+def router_aux(model, override: Optional[bool]) -> Optional[RouterAux]:
+    """The model's RouterAux (``override``: model.output_router_logits), or None (no router)."""
+    config = getattr(unwrap(model), "config", None)
+    if config is None or not hasattr(config, "router_aux_loss_coef"):
+        return None
+    if override is not None:
+        config.output_router_logits = override
+    return RouterAux(bool(getattr(config, "output_router_logits", False)), float(config.router_aux_loss_coef))
+
+
+def _train_step(engine, data: TextData, step: int, tr: dict, dist: DistInfo,
+                aux: Optional[RouterAux] = None) -> tuple[float, float, float, Optional[float]]:
+    """One optimizer step over the global batch of ``step``: (loss, grad norm, target tokens,
+    router aux loss: the mean over the global batch's micro batches, or None)."""
     indices = global_batch_indices(step, len(data), tr["global_batch_size"], tr["seed"])
     batches = [data.batch(mb).to(dist.device)
                for mb in micro_batches(indices, engine.dp_rank, engine.dp_size, tr["micro_batch_size"])]
@@ -210,16 +235,24 @@ def _train_step(engine, data: TextData, step: int, tr: dict, dist: DistInfo) -> 
     if total == 0:
         raise RecipeError(f"step {step + 1}: no sample of the global batch has 2 or more tokens (data samples "
                           f"{sorted(i + 1 for i in indices)[:8]}): nothing to compute a loss on")
-    loss_sum = torch.zeros((), device=dist.device)
+    loss_sum, aux_sum = torch.zeros((), device=dist.device), torch.zeros((), device=dist.device)
+    micro_total = len(batches) * engine.dp_size  # micro batches in the global batch
     for i, batch in enumerate(batches):
         with engine.accumulating(last_micro_step=i == len(batches) - 1):
-            logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
+            extra = {"output_router_logits": True} if aux else {}
+            out = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra)
+            loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
                                    ignore_index=-100, reduction="sum")
-            engine.backward(loss * gradient_scale(engine, total))
+            objective = loss * gradient_scale(engine, total)
+            if aux:
+                aux_sum += out.aux_loss.detach().float()
+                if aux.train:  # the mean over micro batches, after the engines' average over dp ranks
+                    objective = objective + aux.coef * out.aux_loss.float() * engine.dp_size / micro_total
+            engine.backward(objective)
             loss_sum += loss.detach()
     step_loss = (all_reduce_sum(loss_sum) / replica_copies(engine, dist) / total).item()
-    return step_loss, engine.finish_step(), total
+    aux_loss = (all_reduce_sum(aux_sum) / replica_copies(engine, dist) / micro_total).item() if aux else None
+    return step_loss, engine.finish_step(), total, aux_loss
 
 
 def _train(cfg: dict, dist: DistInfo, data: TextData, tqdm) -> dict:
@@ -227,6 +260,7 @@ def _train(cfg: dict, dist: DistInfo, data: TextData, tqdm) -> dict:
     out = tr["output_dir"]
     accumulation = check_world(cfg, dist.world_size)
     model, tokenizer = _adapted_model(cfg, dist, accumulation)
+    aux = router_aux(model, cfg["model"]["output_router_logits"])
     engine = STRATEGIES[cfg["parallel"]["strategy"]].setup(model, make_optimizer_factory(tr), dist,
                                                             engine_config(cfg, accumulation))
     if dist.is_main:
@@ -251,7 +285,7 @@ def _train(cfg: dict, dist: DistInfo, data: TextData, tqdm) -> dict:
             lr = _lr_at(step, tr)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-            step_loss, grad_norm, total = _train_step(engine, data, step, tr, dist)
+            step_loss, grad_norm, total, aux_loss = _train_step(engine, data, step, tr, dist, aux)
             first_loss = step_loss if first_loss is None else first_loss
             last_loss = step_loss
             if metrics is not None:
@@ -261,6 +295,8 @@ def _train(cfg: dict, dist: DistInfo, data: TextData, tqdm) -> dict:
                 row = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": round(total / seconds, 1), "seconds": round(time.perf_counter() - t_start, 3),
                        "truncated": cut}
+                if aux_loss is not None:
+                    row["aux_loss"] = aux_loss
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 bar.set_postfix(loss=f"{step_loss:.4f}")

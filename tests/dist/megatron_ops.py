@@ -269,6 +269,23 @@ def refusal(build_model, config=None):
     return None
 
 
+def moe_experts():
+    """Megatron-core's MoE experts (SequentialMLP: one MLP of expert-parallel linears per expert)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=2, ffn_hidden_size=FFN,
+                            num_moe_experts=2, moe_ffn_hidden_size=FFN, use_cpu_initialization=True,
+                            add_bias_linear=False, tensor_model_parallel_size=world)
+    holder = nn.Module()
+    holder.experts = SequentialMLP(2, cfg, MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                         linear_fc2=RowParallelLinear),
+                                   pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    return holder
+
+
 class One(nn.Module):
     def __init__(self, **kw):
         super().__init__()
@@ -282,6 +299,7 @@ results["refused_disable_grad_reduce"] = refusal(lambda: One(disable_grad_reduce
 if world > 1:
     results["sequence_parallel_error"] = refusal(lambda: MLP(cfg=config(sequence_parallel=True)))
     results["refused_expert"] = refusal(lambda: One(is_expert=True))
+    results["refused_moe_experts"] = refusal(moe_experts, da.LoraConfig(target_modules="all-linear"))
     parallel_state.destroy_model_parallel()  # last: the pipeline-parallel export refusal
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=world)
     try:
