@@ -181,8 +181,9 @@ def test_moe_recipe_under_each_engine_equals_single_process(moe_single, tmp_path
     expert weights on access (they are read by the grouped experts forward, not by the experts
     module's own forward). Expert parallel: ``ep`` with half the experts per rank (measured
     3.4e-5: one lora_B element near Adam's epsilon; the rest within 5.4e-6) and ``fsdp2_ep`` on 4
-    ranks, 2 x 2 (measured 2.1e-5); the ``ep`` checkpoint of step 2 resumed under ``none`` on
-    one process ends within the same tolerance of the uninterrupted run (measured 3.4e-5)."""
+    ranks, 2 x 2 (measured 2.1e-5). The checkpoint of step 2 resumed at one process ends within
+    the same tolerance of the uninterrupted run: ``ep`` under ``none`` (measured 3.4e-5), the DCP
+    of ``fsdp2`` and the adapter moments of ``zero3`` under the same strategy."""
     from equivalence import assert_equivalent
     from recipe_helpers import ADAMW_TOL, assert_peft_reproduces
 
@@ -192,10 +193,14 @@ def test_moe_recipe_under_each_engine_equals_single_process(moe_single, tmp_path
     assert any(".mlp.experts.base_layer.lora_A" in k for k in saved) and any(".mlp.gate.lora_B" in k for k in saved)
     if strategy in ("ddp", "ep"):
         assert_peft_reproduces(out)
-    if strategy == "ep":
-        resumed = _moe_run(tmp_path / "resumed", **{"train.micro_batch_size": 2,
+    # a checkpoint of step 2 resumes at another world size and strategy of its family
+    resume_at = {"ep": ("none", 1), "fsdp2": ("fsdp2", 1), "zero3": ("zero3", 1)}
+    if strategy in resume_at:
+        other, world = resume_at[strategy]
+        resumed = _moe_run(tmp_path / "resumed", **{"train.micro_batch_size": 2, "parallel.strategy": other,
+                                                    "launch.nproc_per_node": world,
                                                     "train.resume_from": str(out / "checkpoints" / "step_2")})
-        assert_equivalent(resumed, moe_single, ADAMW_TOL, "moe ep@2 step 2 resumed at none@1")
+        assert_equivalent(resumed, moe_single, ADAMW_TOL, f"moe {strategy}@2 step 2 resumed at {other}@{world}")
     # the engine's own checkpoint (DeepSpeed, DCP) converts to the same PEFT tensors
     from recipe_helpers import cli
 
