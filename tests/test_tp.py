@@ -75,6 +75,23 @@ def test_recipe_tp_equals_single_process(single_run, tp_run):
     assert_equivalent(tp_run, single_run, RECIPE_TOL, "tp@2 vs none@1, AdamW")
 
 
+def test_recipe_hf_tp_equals_single_process(single_run, tmp_path):
+    """transformers shards the model itself (``DistributedConfig(tp_size=2)``, Llama's own
+    ``base_model_tp_plan``) and the adapters, trainable tokens included, follow its placements
+    (``tensor.adopt``): the same adapter as one process (measured 1.4e-5), peft reproduces it,
+    and its DCP checkpoint resumes under our own ``tp`` (the same placements and names)."""
+    out = train_run(tmp_path / "run", **{"parallel.strategy": "hf_tp", "parallel.tp_size": 2,
+                                      "launch.nproc_per_node": 2})
+    assert_equivalent(out, single_run, RECIPE_TOL, "hf_tp@2 vs none@1, AdamW")
+    assert_peft_reproduces(out)
+    resumed = train_run(tmp_path / "resumed", **{"parallel.strategy": "tp", "parallel.tp_size": 2,
+                                              "launch.nproc_per_node": 2,
+                                              "train.resume_from": str(out / "checkpoints" / "step_2")})
+    diff = max_adapter_diff(out, resumed)
+    print(f"max |adapter diff| hf_tp step 2 resumed under tp vs uninterrupted: {diff:.2e}")
+    assert diff <= RESUME_TOL
+
+
 @pytest.mark.parametrize("tp_size", [2, 1], ids=["mesh-dp1-tp2", "mesh-dp2-tp1"])
 def test_recipe_fsdp2_tp_equals_single_process(single_run, tmp_path, tp_size):
     out = train_run(tmp_path / "run", **{"parallel.strategy": "fsdp2_tp", "parallel.tp_size": tp_size,

@@ -36,6 +36,9 @@ class Strategy:
     # called with (config, world size) before the model loads; the returned object is kept
     # alive while transformers' from_pretrained runs (ZeRO-3: load straight into partitions)
     loading_context: Optional[Callable[[EngineConfig, int], object]] = None
+    # extra from_pretrained arguments: transformers shards the model while loading it (the
+    # built-in model is saved to OUTPUT/base_model first and loaded from there)
+    loading_kwargs: Optional[Callable[[EngineConfig], dict]] = None
 
 
 def _none(model, make_optimizer, dist, config) -> Engine:
@@ -104,6 +107,12 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
              "2-D mesh (dp x tp): tensor parallel inside groups of `tp_size` ranks, FSDP2 across them",
              "dist-adapters train configs/tp.yaml --set parallel.strategy=fsdp2_tp parallel.tp_size=2",
              tensor_parallel=True, modules_to_save=False, optimizer_state=("dcp",)),
+    Strategy("hf_tp", tensor.HFTPEngine,
+             "tensor parallel by transformers itself (`DistributedConfig(tp_size=...)`, the model's own "
+             "`base_model_tp_plan`) over all ranks; the adapters follow its placements",
+             "dist-adapters train configs/tp.yaml --set parallel.strategy=hf_tp", tensor_parallel=True,
+             data_parallel=False, modules_to_save=False, optimizer_state=("dcp",),
+             loading_kwargs=tensor.transformers_loading),
     Strategy("ep", _ep,
              "expert parallel: each MoE layer's experts and their LoRA split over `parallel.ep_size` ranks "
              "(tokens routed by all-to-all), the rest replicated by DDP",

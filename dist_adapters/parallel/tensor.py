@@ -144,6 +144,43 @@ def parallelize(model: nn.Module, mesh=None, plan: Optional[dict] = None) -> nn.
     return model
 
 
+def adopt(model: nn.Module) -> nn.Module:
+    """For a model transformers sharded itself (``from_pretrained(..., distributed_config=
+    DistributedConfig(tp_size=...))`` or ``tp_plan="auto"``), adapters injected afterwards: give
+    every trainable tensor the placement ``parallelize`` gives it, read from its base weight's
+    placement on transformers' mesh (``Shard(0)``: column-parallel, ``Shard(1)``: row-parallel).
+    transformers' styles, like torch's, hand the layer plain local tensors, so the TP leaves and
+    their collectives (``tp_linear``) are the same. Returns ``model``."""
+    from torch.distributed.tensor import distribute_tensor
+
+    _check_trainable(model)
+    meshes = []
+    for module in model.modules():
+        if not isinstance(module, LoraLinear):
+            continue
+        weight = module.base_layer.weight
+        if not _is_dtensor(weight):
+            continue
+        placement = weight.placements[-1]
+        style = {Shard(0): "colwise", Shard(1): "rowwise"}.get(placement, "replicate")
+        a_spec, b_spec = _FACTOR_PLACEMENTS.get(style, ("replicate", "replicate"))
+        for factor in module.lora_A.values():
+            _distribute(factor, weight.device_mesh, _placement(a_spec))
+        for factor in module.lora_B.values():
+            _distribute(factor, weight.device_mesh, _placement(b_spec))
+        meshes.append(weight.device_mesh)
+    if not meshes:
+        raise ValueError("the model holds no layer tensor-parallel sharded by transformers to adapt "
+                         "(load it with from_pretrained(..., distributed_config=DistributedConfig(tp_size=N)))")
+    for module in model.modules():  # the rest (LoRA outside the plan) is replicated, as in parallelize
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if p.requires_grad and not _is_dtensor(p):
+                value = distribute_tensor(p.data, meshes[0], [_placement("replicate")])
+                module.register_parameter(pname, nn.Parameter(value, requires_grad=True))
+    _swap_in_tp_leaves(model)
+    return model
+
+
 def _check_trainable(model: nn.Module) -> None:
     """Only adapter leaves may train under tp: a trainable full copy (modules_to_save) or a
     trainable bias would be sharded by the base's style and saved, merged and clipped as no
@@ -302,3 +339,21 @@ class TPEngine(ShardedEngine):
         mesh = mesh_2d(1, config.tp_size, dist.device)
         parallelize(model.to(dist.device), mesh["tp"])
         super().__init__(model, make_optimizer, dist, config, data_parallel=(0, 1))
+
+
+class HFTPEngine(ShardedEngine):
+    """Strategy ``hf_tp``: the model as transformers sharded it (``DistributedConfig(tp_size=world)``,
+    the model's own ``base_model_tp_plan``), its adapters placed by ``adopt``; every rank sees
+    the same data, as under ``tp``."""
+
+    def __init__(self, model: nn.Module, make_optimizer: MakeOptimizer, dist, config: EngineConfig) -> None:
+        adopt(model)
+        super().__init__(model, make_optimizer, dist, config, data_parallel=(0, 1))
+
+
+def transformers_loading(config: EngineConfig) -> dict:
+    """What ``from_pretrained`` gets so that transformers shards the model itself (``hf_tp``)."""
+    from transformers.distributed import DistributedConfig
+
+    return {"distributed_config": DistributedConfig(tp_size=config.tp_size)}
+

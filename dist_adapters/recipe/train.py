@@ -66,7 +66,9 @@ def _load_model(cfg: dict, accumulation: int, world_size: int, device: torch.dev
         tokenizer = AutoTokenizer.from_pretrained(path)
         if cfg["model"]["quantization"] is not None and not full:
             return quantization.load_quantized(path, quantization.settings(cfg), dtype, device), tokenizer
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        loading_kwargs = STRATEGIES[cfg["parallel"]["strategy"]].loading_kwargs
+        extra = loading_kwargs(engine_config(cfg, accumulation)) if loading_kwargs and not full else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
         model.__dict__["_da_keep"] = partitioned  # transformers reads it through a weak reference
     except (OSError, ValueError) as exc:
         raise RecipeError(f"model.path {path!r}: {' '.join(str(exc).split())[:300]}") from None
@@ -191,6 +193,11 @@ def _adapted_model(cfg: dict, dist: DistInfo, accumulation: int):
             adapter_cfg.base_model_name_or_path = base_dir
         else:
             adapter_cfg.base_model_name_or_path = cfg["model"]["path"]
+        if cfg["model"]["path"] is None and STRATEGIES[cfg["parallel"]["strategy"]].loading_kwargs is not None:
+            # transformers shards the model while loading it: load the built-in base just saved
+            barrier()
+            model, _ = _load_model({**cfg, "model": {**cfg["model"], "path": base_dir}}, accumulation,
+                                   dist.world_size, dist.device)
         if cfg["model"]["quantization"] is not None and cfg["model"]["path"] is None:
             # QLoRA on the built-in model: load the base just saved through bitsandbytes
             barrier()
