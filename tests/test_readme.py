@@ -50,6 +50,8 @@ TESTED_BY = {
     "dist-adapters train configs/moe.yaml": "tests/test_moe.py::test_moe_recipe_under_each_engine_equals_single_process",
     "dist-adapters train configs/moe.yaml --set parallel.strategy=fsdp2_ep parallel.ep_size=2 launch.nproc_per_node=4":
         "tests/test_moe.py::test_moe_recipe_under_each_engine_equals_single_process",
+    "dist-adapters train configs/moe.yaml --set parallel.strategy=hf_ep parallel.ep_size=2":
+        "tests/test_moe.py::test_moe_recipe_under_each_engine_equals_single_process",
     "dist-adapters train configs/demo.yaml --set launch.launcher=mpirun launch.nproc_per_node=2 parallel.strategy=ddp":
         "tests/test_launcher.py::test_other_launchers_give_the_same_adapter",
     "sbatch launch/slurm.sbatch configs/fsdp2.yaml": "tests/test_launcher.py::test_launch_scripts_parse_and_example_hostfile_is_valid",

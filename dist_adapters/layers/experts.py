@@ -232,8 +232,6 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
                     top_k_weights: torch.Tensor, lora: dict) -> torch.Tensor:
     """transformers' experts contract ([T, H], [T, K] expert ids, [T, K] weights -> [T, H]) with
     LoRA on the targeted expert weights, computed per expert on the tokens routed to it."""
-    if getattr(experts, "_is_expert_parallel", False):
-        raise NotImplementedError("LoRA on experts under transformers' expert parallel is not supported yet")
     num_k, num_tokens = top_k_index.shape[-1], hidden_states.shape[0]
     expert_of = top_k_index.reshape(-1)
     order = torch.argsort(expert_of, stable=True)

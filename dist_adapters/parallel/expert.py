@@ -66,22 +66,18 @@ def experts_modules(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
 
 @dataclass
 class ExpertLayout:
-    mesh: object  # DeviceMesh (dp, ep)
+    replica_group: object = None  # ranks holding the same experts (None: no other copy)
     params: list = field(default_factory=list)  # every expert parameter, frozen or trainable
-
-    @property
-    def dp_group(self):
-        return self.mesh["dp"].get_group()
 
     @torch.no_grad()
     def reduce_gradients(self, data_parallel_size: int) -> None:
-        """Sum over the replicas (dp group), then the dense engines' average: one all_reduce."""
+        """Sum over the replicas, then the dense engines' average: one all_reduce."""
         grads = [p.grad.to_local() for p in self.params if p.requires_grad and p.grad is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
-        if self.mesh["dp"].size() > 1:
-            torch.distributed.all_reduce(flat, group=self.dp_group)
+        if self.replica_group is not None:
+            torch.distributed.all_reduce(flat, group=self.replica_group)
         flat.div_(data_parallel_size)
         offset = 0
         for g in grads:
@@ -100,39 +96,86 @@ def parallelize_experts(model: nn.Module, mesh) -> ExpertLayout:
     """Shard every experts module (and its LoRA) over ``mesh["ep"]`` and route its tokens with
     transformers' all-to-all dispatch; returns the layout (the parameters the dense engine must
     ignore)."""
-    layout = ExpertLayout(mesh)
+    layout = ExpertLayout(mesh["dp"].get_group() if mesh["dp"].size() > 1 else None)
     ep = mesh["ep"].size()
     places = experts_modules(model)
     if not places:
         raise ValueError("parallel.strategy ep / fsdp2_ep: the model has no experts module (transformers' "
                          "experts interface); use ddp or fsdp2")
+    placed = mesh["dp", "ep"]
     for place, experts in places:
         total = experts.num_experts
         if total % ep:
             raise ValueError(f"{type(experts).__name__} has {total} experts, which parallel.ep_size {ep} does not divide")
         for name, p in list(experts.named_parameters(recurse=False)):
             if p.dim() >= 1 and p.shape[0] == total:
-                layout.params.append(_shard(experts, name, 0, mesh))
-        for layer in place.chain() if isinstance(place, LoraParameter) else []:
-            if layer.weight.dim() != 3:
-                continue
-            for adapter in layer.lora_A:
-                a, b = layer.lora_A[adapter], layer.lora_B[adapter]
-                layout.params.append(_shard(a, "weight", 0, mesh))
-                flat = b.weight.shape
-                b.weight = nn.Parameter(b.weight.detach().reshape(flat[0], -1, total), requires_grad=b.weight.requires_grad)
-                layout.params.append(_shard(b, "weight", 2, mesh, peft_shape=flat))
+                layout.params.append(_shard(experts, name, 0, placed))
+        layout.params += _shard_lora(place, total, placed)
         experts.num_experts = total // ep
-        _install_dispatch(place, experts, mesh)
+        _install_dispatch(place, experts, mesh["ep"], mesh["tp"])
     return layout
 
 
+def _shard_lora(place: nn.Module, total: int, mesh) -> list[nn.Parameter]:
+    """The LoRA factors of the 3-D weights at ``place``, split by expert like the weights."""
+    sharded = []
+    for layer in place.chain() if isinstance(place, LoraParameter) else []:
+        if layer.weight.dim() != 3:
+            continue
+        for adapter in layer.lora_A:
+            a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+            sharded.append(_shard(a, "weight", 0, mesh))
+            flat = b.weight.shape
+            b.weight = nn.Parameter(b.weight.detach().reshape(flat[0], -1, total), requires_grad=b.weight.requires_grad)
+            sharded.append(_shard(b, "weight", 2, mesh, peft_shape=flat))
+    return sharded
+
+
+def adopt_experts(model: nn.Module) -> ExpertLayout:
+    """For a model transformers' own expert parallel sharded (``from_pretrained(...,
+    distributed_config=DistributedConfig(ep_size=...))``), adapters injected afterwards: the LoRA
+    of each experts module is split by expert like its weights, on transformers' ep mesh, and
+    the token dispatch (the same ``AllToAllEP``) moves to the LoRA wrapper, so the experts run
+    with their LoRA on the tokens it brings. Returns the layout (its LoRA factors)."""
+    manager = getattr(model, "_mesh_manager", None)
+    if manager is None:
+        raise ValueError("the model was not sharded by transformers (no distributed_config)")
+    ep_mesh, tp_mesh = manager.get_mesh("ep"), manager.get_mesh("tp")
+    if tp_mesh.size() > 1 or torch.distributed.get_world_size() != ep_mesh.size():
+        raise NotImplementedError("LoRA on transformers' expert parallel supports ep_size = world size without "
+                                  "tp (each expert on one rank); use the ep / fsdp2_ep strategies otherwise")
+    layout = ExpertLayout()
+    for place, experts in experts_modules(model):
+        if not getattr(experts, "_is_expert_parallel", False):
+            continue
+        total = experts.num_experts * ep_mesh.size()
+        layout.params += _shard_lora(place, total, ep_mesh)
+        _run_locally(experts)  # in place of transformers' dispatch, which moves to the wrapper
+        _install_dispatch(place, experts, ep_mesh, tp_mesh)
+    return layout
+
+
+def _run_locally(experts: nn.Module) -> None:
+    """The experts' own forward on their local shards. transformers wraps the experts in an FSDP2
+    unit of their own, whose pre-forward hook registers its DTensor parameters again after the
+    wrapper's swap; this runs after the hooks (where transformers' dispatch ran)."""
+    own_forward = type(experts).forward
+
+    def local_forward(*args, **kwargs):
+        with _local_params([experts]):
+            return own_forward(experts, *args, **kwargs)
+
+    experts.forward = local_forward
+
+
 def _shard(module: nn.Module, name: str, dim: int, mesh, peft_shape=None) -> nn.Parameter:
+    """``module.name`` as a DTensor on ``mesh`` ((dp, ep) or ep), split on ``dim`` over ep."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     p = getattr(module, name)
+    placements = [Replicate()] * (mesh.ndim - 1) + [Shard(dim)]
     # every rank built the same full tensor (same seed): each keeps its slice, no communication
-    value = distribute_tensor(p.detach(), mesh["dp", "ep"], [Replicate(), Shard(dim)], src_data_rank=None)
+    value = distribute_tensor(p.detach(), mesh, placements, src_data_rank=None)
     new = nn.Parameter(value, requires_grad=p.requires_grad)
     if peft_shape is not None:
         _PEFT_SHAPES[id(new)] = (new.shape, torch.Size(peft_shape))
@@ -156,10 +199,10 @@ def _local_params(modules: list[nn.Module]) -> Iterator[None]:
             module._parameters[name] = p
 
 
-def _install_dispatch(place: nn.Module, experts: nn.Module, mesh) -> None:
+def _install_dispatch(place: nn.Module, experts: nn.Module, ep_mesh, tp_mesh) -> None:
     from transformers.distributed.expert_parallel import AllToAllEP
 
-    implementation = AllToAllEP(experts, mesh["ep"], mesh["tp"])
+    implementation = AllToAllEP(experts, ep_mesh, tp_mesh)
     implementation.experts_forward = place.forward  # the experts (with their LoRA) on local expert ids
     holders = [experts] + [m for m in place.modules() if isinstance(m, (ExpertFactorA, ExpertFactorB))]
 
@@ -276,3 +319,13 @@ def _placed(value, p):
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(value.reshape(p.shape), p.device_mesh, p.placements, src_data_rank=None)
+
+
+def transformers_loading(config) -> dict:
+    """What ``from_pretrained`` gets so that transformers shards the experts itself (``hf_ep``):
+    each expert on one rank (ep_size = world size), the frozen dense weights FSDP2 over all."""
+    from transformers.distributed import DistributedConfig
+
+    world = torch.distributed.get_world_size()
+    return {"distributed_config": DistributedConfig(fsdp_size=world, ep_size=config.ep_size)}
+

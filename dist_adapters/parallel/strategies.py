@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from . import ddp, deepspeed, expert, fsdp, tensor
+from . import ddp, deepspeed, dtensor, expert, fsdp, tensor
 from .engine import Engine, EngineConfig, MakeOptimizer
 
 Setup = Callable[[nn.Module, MakeOptimizer, object, EngineConfig], Engine]
@@ -28,6 +28,7 @@ class Strategy:
     tensor_parallel: bool = False  # parallel.tp_size applies; tp ranks share samples
     data_parallel: bool = True  # False: all ranks hold one model (tp_size must be the world size)
     expert_parallel: bool = False  # parallel.ep_size applies: experts sharded over groups of ep_size ranks
+    ep_is_world: bool = False  # parallel.ep_size must be the world size (each expert on one rank)
     shards_parameters: bool = False  # packed 4-bit weights shard with the rest (quant_storage default)
     quantization: bool = False  # QLoRA verified (tests/test_quantized.py)
     modules_to_save: bool = True  # a trainable full copy of a module can train under it
@@ -65,6 +66,16 @@ def _fsdp2_ep(model, make_optimizer, dist, config) -> Engine:
     """Experts over ep, the rest FSDP2 over all ranks (every rank trains on its own samples)."""
     layout = expert.parallelize_experts(model.to(dist.device), expert.expert_mesh(config.ep_size, dist.device))
     dense = fsdp.FSDP2Engine(model, make_optimizer, dist, config, ignored_params=set(layout.params))
+    return expert.ExpertParallelEngine(dense, layout)
+
+
+def _hf_ep(model, make_optimizer, dist, config) -> Engine:
+    """The model as transformers' expert parallel sharded it (experts over all ranks, the frozen
+    dense weights FSDP2); its expert LoRA split alike (``expert.adopt_experts``), the rest of the
+    adapter replicated by DDP, which ignores every sharded tensor."""
+    layout = expert.adopt_experts(model)
+    sharded = [p for p in model.parameters() if dtensor.is_dtensor(p)]
+    dense = ddp.DDPEngine(model, make_optimizer, dist, config, ignored=sharded)
     return expert.ExpertParallelEngine(dense, layout)
 
 
@@ -118,6 +129,12 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
              "(tokens routed by all-to-all), the rest replicated by DDP",
              "dist-adapters train configs/moe.yaml --set parallel.strategy=ep parallel.ep_size=2",
              expert_parallel=True),
+    Strategy("hf_ep", _hf_ep,
+             "expert parallel by transformers itself (`DistributedConfig(ep_size=world)`: its all-to-all "
+             "dispatch, the frozen dense weights FSDP2), the expert LoRA split alike, the rest of the adapter "
+             "replicated by DDP",
+             "dist-adapters train configs/moe.yaml --set parallel.strategy=hf_ep parallel.ep_size=2",
+             expert_parallel=True, ep_is_world=True, loading_kwargs=expert.transformers_loading),
     Strategy("fsdp2_ep", _fsdp2_ep,
              "experts over `parallel.ep_size` ranks as in `ep`, the rest FSDP2 over all ranks",
              "dist-adapters train configs/moe.yaml --set parallel.strategy=fsdp2_ep parallel.ep_size=2 "

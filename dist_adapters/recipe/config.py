@@ -291,6 +291,9 @@ def _check_expert_parallel(strategy: str, ep: int, world_size: int) -> None:
     if ep < 2:
         raise RecipeError(f"parallel.strategy {strategy} shards the experts over parallel.ep_size ranks: set "
                           "parallel.ep_size to 2 or more")
+    if STRATEGIES[strategy].ep_is_world and ep != world_size:
+        raise RecipeError(f"parallel.strategy {strategy} puts each expert on one rank: parallel.ep_size ({ep}) must "
+                          f"equal the world size ({world_size})")
     if world_size % ep:
         raise RecipeError(f"parallel.ep_size ({ep}) must divide the world size ({world_size})")
 

@@ -94,6 +94,39 @@ for family in ("qwen3_moe", "gpt_oss"):
         results[f"{family}_loaded"] = (fresh.eval()(input_ids=IDS[rank]).logits - expected).abs().max().item()
 
 
+# transformers' own expert parallel (experts over both ranks, frozen dense weights FSDP2), then
+# our adapter, adopted: logits, merge / unmerge and the collective save against one process
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.distributed import DistributedConfig  # noqa: E402
+
+base_dir = os.path.join(out_dir, "qwen3_moe_base")
+if rank == 0:
+    tiny_moe("qwen3_moe").save_pretrained(base_dir)
+dist.barrier()
+plain = built("qwen3_moe").eval()
+plain_dir = os.path.join(out_dir, "hf_ep_adapter")
+da.save_adapter(plain, plain_dir)
+sharded = AutoModelForCausalLM.from_pretrained(base_dir, distributed_config=DistributedConfig(fsdp_size=world,
+                                                                                             ep_size=world))
+da.inject(sharded, da.LoraConfig(**_config("qwen3_moe")))
+expert.adopt_experts(sharded)
+da.load_adapter(sharded, plain_dir)  # the same adapter, loaded into the shards
+hf_experts = sharded.model.layers[1].mlp.experts.target_module
+results["hf_ep_local_experts"] = [hf_experts.num_experts, hf_experts._is_expert_parallel]
+with torch.no_grad():
+    expected = plain(input_ids=IDS[rank]).logits
+    results["hf_ep_logits"] = (sharded.eval()(input_ids=IDS[rank]).logits - expected).abs().max().item()
+    da.merge(sharded)
+    results["hf_ep_merged"] = (sharded(input_ids=IDS[rank]).logits - expected).abs().max().item()
+    da.unmerge(sharded)
+    results["hf_ep_unmerged"] = (sharded(input_ids=IDS[rank]).logits - expected).abs().max().item()
+saved = da.adapter_state_dict(sharded)
+if rank == 0:
+    reference = da.adapter_state_dict(plain)
+    results["hf_ep_saved_keys_equal"] = sorted(saved) == sorted(reference)
+    results["hf_ep_saved"] = max((saved[k] - reference[k]).abs().max().item() for k in reference)
+
+
 def fixed_routing(hidden_states):
     """Every token to experts 0 and 1, which both live on rank 0."""
     tokens = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
