@@ -63,6 +63,13 @@ def test_tp_layers_match_one_process(tmp_path):
         assert r[f"{tag}_loaded"] <= LOGITS_TOL  # measured 1.2e-7 to 1.5e-7
         assert r[f"{tag}_state_dict"] == 0.0 and r[f"{tag}_state_dict_keys"]  # gathered values, no arithmetic
     assert r["tie_kept"]
+    # a model transformers sharded itself (DistributedConfig(tp_size=2)), our adapter adopted and
+    # loaded into it: one process's logits and gradients, merge / unmerge, full peft tensors
+    assert r["hf_q_local_shape"] == [16, 32]
+    assert r["hf_logits"] <= LOGITS_TOL  # measured 1.2e-7
+    assert r["hf_grad_keys_equal"] and r["hf_grads"] <= 5e-7  # measured 4.5e-8
+    assert r["hf_merged"] <= LOGITS_TOL and r["hf_unmerged"] <= LOGITS_TOL  # measured 1.2e-7 to 1.3e-7
+    assert r["hf_state_dict"] == 0.0 and r["hf_state_dict_keys"]  # gathered values, no arithmetic
     assert r["clip_before"] > 0.5 and abs(r["clip_after"] - 0.5) <= 2e-6  # measured 1.2e-7
     # parallelize(plan=...): the caller's plan decides what is sharded (here the MLP only)
     assert r["plan_placements"] == ["(Shard(dim=0),)", "(Shard(dim=1),)", "(Shard(dim=0),)", "(Replicate(),)"]

@@ -106,6 +106,41 @@ for tie in (False, True):
         results[f"{tag}_state_dict"] = max((sd[k] - plain_sd[k]).abs().max().item() for k in plain_sd)
         results[f"{tag}_state_dict_keys"] = sorted(sd) == sorted(plain_sd)
 
+# a model transformers sharded itself (DistributedConfig(tp_size=2), Llama's base_model_tp_plan),
+# our adapter injected, adopted (tensor.adopt) and loaded: logits, gradients, merge / unmerge, save
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.distributed import DistributedConfig  # noqa: E402
+
+plain = build(False).train()
+hf_dirs = [os.path.join(out_dir, "hf_base"), os.path.join(out_dir, "hf_adapter")]
+if rank == 0:
+    tiny_llama().save_pretrained(hf_dirs[0])
+da.save_adapter(plain, hf_dirs[1])
+dist.barrier()
+model = AutoModelForCausalLM.from_pretrained(hf_dirs[0], distributed_config=DistributedConfig(tp_size=2))
+da.inject(model, da.LoraConfig(r=4, target_modules="all-linear", trainable_token_indices=[3, 5, 100]))
+tensor.adopt(model)
+da.load_adapter(model, hf_dirs[1])
+ref_logits, ref_loss = loss_of(plain)
+ref_loss.backward()
+ref_grads = grads(plain)
+logits, loss = loss_of(model.train())
+loss.backward()
+got = grads(model)
+results["hf_q_local_shape"] = list(model.model.layers[0].self_attn.q_proj.base_layer.weight.to_local().shape)
+results["hf_logits"] = (logits.detach() - ref_logits.detach()).abs().max().item()
+results["hf_grads"] = max((got[n] - ref_grads[n]).abs().max().item() for n in ref_grads)
+results["hf_grad_keys_equal"] = sorted(got) == sorted(ref_grads)
+with torch.no_grad():
+    expected = plain.eval()(input_ids=input_ids()).logits
+    da.merge(model.eval())
+    results["hf_merged"] = (model(input_ids=input_ids()).logits - expected).abs().max().item()
+    da.unmerge(model)
+    results["hf_unmerged"] = (model(input_ids=input_ids()).logits - expected).abs().max().item()
+sd, plain_sd = da.adapter_state_dict(model), da.adapter_state_dict(plain)
+results["hf_state_dict"] = max((sd[k] - plain_sd[k]).abs().max().item() for k in plain_sd)
+results["hf_state_dict_keys"] = sorted(sd) == sorted(plain_sd)
+
 # clipping across DTensor and plain gradients (torch's clip_grad_norm_ refuses the mix)
 mixed = [torch.nn.Parameter(torch.ones(3))]
 mixed[0].grad = torch.full((3,), 2.0)
