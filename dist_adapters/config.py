@@ -22,7 +22,6 @@ CONFIG_NAME = "adapter_config.json"
 # peft fields for methods we do not implement, with the value meaning "off". A JSON carrying any
 # other value is refused; the default is kept and written back.
 UNSUPPORTED_LORA_FIELDS: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "eva_config": None,
@@ -124,6 +123,7 @@ class LoraConfig(_PeftConfigBase):
     use_rslora: bool = False
     modules_to_save: Optional[list[str]] = None
     init_lora_weights: Union[bool, str] = True
+    use_dora: bool = False  # DoRA (layers/dora.py): Linear, Conv1D, Embedding
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
     rank_pattern: dict = field(default_factory=dict)
@@ -153,6 +153,8 @@ class LoraConfig(_PeftConfigBase):
             raise ValueError(f"LoraConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian", "loftq"):

@@ -119,5 +119,7 @@ def inject_parameters(model: nn.Module, config: LoraConfig, adapter_name: str, n
             alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern, key), config.lora_alpha)
             layer.add_adapter(adapter_name, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                               use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
+            if config.use_dora:
+                layer.enable_dora(adapter_name)
             count += 1
     return count

@@ -17,6 +17,7 @@ Our in-memory names and peft's file keys (the PEFT checkpoint format):
     <m>.lora_B.<adapter>.weight                       base_model.model.<m>.lora_B.weight
     <m>.lora_embedding_A.<adapter>.weight             base_model.model.<m>.lora_embedding_A
     <m>.lora_embedding_B.<adapter>.weight             base_model.model.<m>.lora_embedding_B
+    <m>.lora_magnitude_vector.<adapter>.weight        base_model.model.<m>.lora_magnitude_vector (DoRA)
     <m>.modules_to_save.<adapter>.<rest>              base_model.model.<m>.<rest>
     <m>.base_layer.bias / <m>.bias (bias=all|lora_only) base_model.model.<m>.base_layer.bias / ...
     <m>.trainable_tokens_delta.<adapter>.weight       base_model.model.<m>.trainable_tokens_delta (standalone)
@@ -46,17 +47,19 @@ WRAPPER_ATTRIBUTES = {"OptimizedModule": "_orig_mod", "CheckpointWrapper": "_che
 ENGINE_PACKAGES = ("torch.distributed.", "torch._dynamo.", "deepspeed.")
 
 _LORA_FACTOR = re.compile(r"^(?P<m>.+)\.(?P<kind>lora_A|lora_B)\.(?P<a>[^.]+)\.weight$")
-_EMB_FACTOR = re.compile(r"^(?P<m>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)\.(?P<a>[^.]+)\.weight$")
+_EMB_FACTOR = re.compile(r"^(?P<m>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+                         r"\.(?P<a>[^.]+)\.weight$")
 _SAVED_COPY = re.compile(r"^(?P<m>.+)\.modules_to_save\.(?P<a>[^.]+)\.(?P<rest>.+)$")
 _TOKEN_ROWS = re.compile(r"^(?P<m>.+)\.trainable_tokens_delta\.(?P<a>[^.]+)\.weight$")
 _PEFT_TOKEN_ROWS = re.compile(r"^(?P<m>.+?)(?P<wrap>\.token_adapter)?\.trainable_tokens_delta$")
 
 _SPELLINGS = [  # peft's in-memory names -> ours
-    (re.compile(r"^(.+)\.(lora_embedding_[AB])\.([^.]+)$"), r"\1.\2.\3.weight"),
+    (re.compile(r"^(.+)\.(lora_embedding_[AB]|lora_magnitude_vector)\.([^.]+)$"), r"\1.\2.\3.weight"),
     (re.compile(r"^(.+?)(?:\.token_adapter)?\.trainable_tokens_delta\.([^.]+)(?:\.weight)?$"),
      r"\1.trainable_tokens_delta.\2.weight"),
 ]
-_ADAPTER = re.compile(r"\.(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B|trainable_tokens_delta|modules_to_save)"
+_ADAPTER = re.compile(r"\.(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|"
+                      r"trainable_tokens_delta|modules_to_save)"
                       r"\.([^.]+)\.")
 
 
@@ -97,7 +100,7 @@ def from_peft_key(key: str, adapter_name: str, copies: set[str]) -> str:
     for kind in ("lora_A", "lora_B"):
         if key.endswith(f".{kind}.weight"):
             return key[: -len(".weight")] + f".{adapter_name}.weight"
-    for kind in ("lora_embedding_A", "lora_embedding_B"):
+    for kind in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
         if key.endswith(f".{kind}"):
             return f"{key}.{adapter_name}.weight"
     for module in copies:
@@ -135,7 +138,7 @@ def ours(name: str) -> Optional[tuple[str, str]]:
 def module_of(key: str) -> str:
     """``base_model.model.<m>.lora_A.weight`` -> ``<m>`` (for LoRA and token keys)."""
     key = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    for tail in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B",
+    for tail in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector",
                  ".token_adapter.trainable_tokens_delta", ".trainable_tokens_delta"):
         if key.endswith(tail):
             return key[: -len(tail)]

@@ -83,7 +83,7 @@ CASES = {
     "lr-in-yaml": (["train", "{root}/bad_lr.yaml"], ["bad_lr.yaml", "train.lr"], None),
     "unknown-key": (TRAIN + ["train.stepz=3"], ["train.stepz"], "out"),
     "overwrite-not-bool": (TRAIN + ["train.overwrite=maybe"], ["train.overwrite", "true or false"], "out"),
-    "peft-option": (TRAIN + ["adapter.use_dora=true"], ["adapter.use_dora", "peft feature"], "out"),
+    "peft-option": (TRAIN + ["adapter.use_qalora=true"], ["adapter.use_qalora", "peft feature"], "out"),
     # output directories (nothing existing is replaced)
     "output-holds-a-run": (["train", DEMO, "--set", "train.output_dir={root}/run", "train.steps=2"],
                            ["{root}/run", "train.overwrite", "train.resume_from: auto"], None),
@@ -104,8 +104,8 @@ CASES = {
                                  ["{root}/run/adapter", "--overwrite"], None),
     "consolidate-no-alpha": (["consolidate", "{root}/bare.safetensors", "{root}/converted"],
                              ["--lora-alpha", "--config"], "converted"),
-    "consolidate-dora-config": (["consolidate", "{root}/dora", "{root}/converted"], ["use_dora", "peft feature"],
-                                "converted"),
+    "consolidate-unsupported-config": (["consolidate", "{root}/qalora", "{root}/converted"],
+                                       ["use_qalora", "peft feature"], "converted"),
     "consolidate-bad-dtype": (["consolidate", "{root}/run/adapter", "{root}/converted", "--dtype", "fp8"],
                               ["--dtype", "'fp8'"], "converted"),
     "consolidate-missing-src": (["consolidate", "{root}/nowhere", "{root}/converted"], ["nowhere"], "converted"),
@@ -149,9 +149,9 @@ def _inputs(root) -> None:
     bare = {k.removeprefix("base_model.model.").replace(".weight", ".default.weight"): v
             for k, v in tensors.items() if ".lora_" in k}
     save_file(bare, str(root / "bare.safetensors"))
-    shutil.copytree(root / "run" / "adapter", root / "dora")
-    dora = json.loads((root / "dora" / "adapter_config.json").read_text())
-    (root / "dora" / "adapter_config.json").write_text(json.dumps({**dora, "use_dora": True}))
+    shutil.copytree(root / "run" / "adapter", root / "qalora")
+    qalora = json.loads((root / "qalora" / "adapter_config.json").read_text())
+    (root / "qalora" / "adapter_config.json").write_text(json.dumps({**qalora, "use_qalora": True}))
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:

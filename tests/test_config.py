@@ -114,8 +114,8 @@ def test_loftq_config_errors(kwargs, message):
 
 
 def test_json_errors_name_the_file_and_key(tmp_path):
-    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "use_dora": true}')
-    with pytest.raises(ValueError, match=r"adapter_config.json.*'use_dora'=True is a peft feature"):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "use_qalora": true}')
+    with pytest.raises(ValueError, match=r"adapter_config.json.*'use_qalora'=True is a peft feature"):
         load_config(str(tmp_path))
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 0}')
     with pytest.raises(ValueError, match=r"adapter_config.json: LoraConfig.r must be a positive integer"):

@@ -251,17 +251,17 @@ def test_value_errors_name_where_the_value_came_from(tmp_path):
 
 
 def test_peft_options_we_do_not_implement_are_named_as_such():
-    """``adapter.use_dora: true`` is a peft feature this project does not implement, not an unknown
+    """``adapter.use_qalora: true`` is a peft feature this project does not implement, not an unknown
     key (issue 17, rule 10); the same wording as the JSON loader's (tests/test_config.py,
     test_json_errors_name_the_file_and_key); the off value is accepted."""
     from dist_adapters.recipe.config import RecipeError, adapter_config, load_recipe
 
-    for assignment, value in (("adapter.use_dora=true", "True"), ("adapter.layer_replication=[[0, 1]]", "[[0, 1]]")):
+    for assignment, value in (("adapter.use_qalora=true", "True"), ("adapter.layer_replication=[[0, 1]]", "[[0, 1]]")):
         with pytest.raises(RecipeError) as got:
             adapter_config(load_recipe(DEMO, [assignment]))
         key = assignment.split("=")[0]
         assert str(got.value).startswith(f"{key}={value} is a peft feature dist_adapters does not implement")
-    assert adapter_config(load_recipe(DEMO, ["adapter.use_dora=false"])).extra == {"use_dora": False}
+    assert adapter_config(load_recipe(DEMO, ["adapter.use_qalora=false"])).extra == {"use_qalora": False}
     with pytest.raises(RecipeError, match="unknown key 'adapter.use_dorra'"):  # a typo stays a typo
         load_recipe(DEMO, ["adapter.use_dorra=true"])
 

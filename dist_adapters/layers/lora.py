@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora
+
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -49,7 +51,10 @@ class LoraFactor(nn.Linear):
     straight through.
     """
 
-    def forward(self, x: torch.Tensor, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: Optional[torch.Tensor], accumulate: Optional[torch.Tensor] = None,
+                gram: bool = False) -> torch.Tensor:
+        if gram:  # weight @ weight.T (DoRA's norm, layers/dora.py)
+            return self.weight @ self.weight.T
         x = x.to(self.weight.dtype)
         if accumulate is None:
             return F.linear(x, self.weight)
@@ -66,7 +71,12 @@ class EmbeddingFactor(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(r, num_embeddings, device=device, dtype=dtype))
 
-    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, ids: Optional[torch.Tensor], *args, gram: bool = False,
+                project: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        if gram:  # weight @ weight.T, and weight @ project (DoRA's norm, layers/dora.py)
+            return self.weight @ self.weight.T
+        if project is not None:
+            return self.weight @ project.to(self.weight.dtype)
         return self.lookup(ids, self.weight, *args, **kwargs)
 
     @staticmethod
@@ -79,6 +89,7 @@ class AdapterLayer(nn.Module):
     """Bookkeeping shared by adapter layers: which adapters exist, are active, are merged."""
 
     adapter_module_names: tuple[str, ...] = ()
+    supports_dora = False  # layers/dora.py runs on it (enable_dora)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -119,15 +130,34 @@ class AdapterLayer(nn.Module):
             if name in self.merged_adapters:
                 continue
             delta = self.delta_weight(name)
-            weight.data.copy_((weight.data.to(delta.dtype) + delta).to(weight.dtype))
+            weight.data.copy_(self._merged(name, weight.data, delta).to(weight.dtype))
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         weight = self.base_layer.weight
         while self.merged_adapters:
-            delta = self.delta_weight(self.merged_adapters.pop())
-            weight.data.copy_((weight.data.to(delta.dtype) - delta).to(weight.dtype))
+            name = self.merged_adapters.pop()
+            delta = self.delta_weight(name)
+            weight.data.copy_(self._unmerged(name, weight.data, delta).to(weight.dtype))
+
+    def _merged(self, name: str, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if name in dora.dora_names(self):
+            return dora.merged(self, name, weight, delta)
+        return weight.to(delta.dtype) + delta
+
+    def _unmerged(self, name: str, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if name in dora.dora_names(self):
+            return dora.unmerged(self, name, weight, delta)
+        return weight.to(delta.dtype) - delta
+
+    def enable_dora(self, name: str) -> None:
+        """Make adapter ``name`` a DoRA adapter (peft's use_dora), magnitude initialised as peft."""
+        if not self.supports_dora:
+            raise NotImplementedError(f"use_dora=True on a {type(self).__name__} (over "
+                                      f"{type(self.base_layer).__name__}) is not supported; DoRA runs on "
+                                      "nn.Linear, transformers Conv1D and nn.Embedding")
+        dora.add_magnitude(self, name)
 
     def unloaded(self, merge: bool) -> nn.Module:
         """The plain module that replaces this layer on unload."""
@@ -151,7 +181,8 @@ class LoraLinear(AdapterLayer):
     ``shape``: the base weight's real shape where an engine holds it partitioned (default: as
     ``base_layer.weight`` has it)."""
 
-    adapter_module_names = ("lora_A", "lora_B")
+    adapter_module_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    supports_dora = True
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False,
                  shape: Optional[Sequence[int]] = None) -> None:
@@ -162,8 +193,12 @@ class LoraLinear(AdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (layers/dora.py)
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
+
+    def adapter_factors(self, name: str) -> tuple[nn.Module, nn.Module]:
+        return self.lora_A[name], self.lora_B[name]
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights=True) -> None:
@@ -192,6 +227,9 @@ class LoraLinear(AdapterLayer):
         run = self._adapters_to_run()  # first: it may unmerge before the base runs
         result = self.base_layer(x, *args, **kwargs)
         for name in run:
+            if name in self.lora_magnitude_vector:
+                result = dora.linear_forward(self, name, x, result)
+                continue
             h = self.lora_A[name](self.lora_dropout[name](x)) * self.scaling[name]
             result = self.lora_B[name](h, accumulate=result)
         return result
@@ -210,15 +248,20 @@ class LoraLinear(AdapterLayer):
 class LoraEmbedding(AdapterLayer):
     """LoRA over ``nn.Embedding``: lora_embedding_A [r, num_embeddings], lora_embedding_B [dim, r]."""
 
-    adapter_module_names = ("lora_embedding_A", "lora_embedding_B")
+    adapter_module_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    supports_dora = True
 
     def __init__(self, base_layer: nn.Embedding, shape: Optional[Sequence[int]] = None) -> None:
         super().__init__(base_layer)
         self.num_embeddings, self.embedding_dim = tuple(base_layer.weight.shape if shape is None else shape)
         self.lora_embedding_A = nn.ModuleDict()
         self.lora_embedding_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (layers/dora.py)
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
+
+    def adapter_factors(self, name: str) -> tuple[nn.Module, nn.Module]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights=True) -> None:
@@ -233,11 +276,13 @@ class LoraEmbedding(AdapterLayer):
 
     @torch.no_grad()
     def reset_adapter(self, name: str, init_lora_weights) -> None:
-        """True / "gaussian": zero A, N(0, 1) B (a no-op); False: N(0, 1) for both."""
-        nn.init.normal_(self.lora_embedding_B[name].weight)
+        """True / "gaussian": zero A, N(0, 1) B (a no-op); False: N(0, 1) for both, A first (peft's
+        order of draws, so one seed gives peft's factors)."""
         if init_lora_weights is False:
             nn.init.normal_(self.lora_embedding_A[name].weight)
+            nn.init.normal_(self.lora_embedding_B[name].weight)
         else:
+            nn.init.normal_(self.lora_embedding_B[name].weight)
             nn.init.zeros_(self.lora_embedding_A[name].weight)
 
     def _embedding_kwargs(self) -> dict:
@@ -249,6 +294,9 @@ class LoraEmbedding(AdapterLayer):
         run = self._adapters_to_run()
         result = self.base_layer(ids, *args, **kwargs)
         for name in run:
+            if name in self.lora_magnitude_vector:
+                result = dora.embedding_forward(self, name, ids, result, **self._embedding_kwargs())
+                continue
             h = self.lora_embedding_A[name](ids, **self._embedding_kwargs()) * self.scaling[name]
             result = self.lora_embedding_B[name](h, accumulate=result)
         return result

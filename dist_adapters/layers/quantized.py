@@ -73,6 +73,8 @@ class LoraQuantizedLinear(LoraLinear):
     """LoRA over ``bnb.nn.Linear4bit`` or ``bnb.nn.Linear8bitLt``: lora_A [r, in], lora_B
     [out, r] in fp32 (or the compute dtype when that is fp32/fp64), as peft's bnb layers."""
 
+    supports_dora = False  # DoRA needs the dequantized weight's norms: not yet
+
     def __init__(self, base_layer: nn.Module) -> None:
         # not LoraLinear.__init__: it reads the shape from the weight, and a packed 4-bit weight
         # is [n, 1] uint8; the layer knows its real sizes

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from .dora import Magnitude
 from .experts import ExpertFactorA, ExpertFactorB, WeightFactor
 from .lora import AdapterLayer, EmbeddingFactor, LoraEmbedding, LoraFactor, LoraLinear
 from .modules_to_save import ModulesToSave
@@ -29,7 +30,7 @@ ADAPTER_LAYER_TYPES: tuple[type, ...] = (AdapterLayer, ModulesToSave, TiedTokens
 # Leaves that hold trainable adapter tensors, each read only in its own forward (rule 1 of
 # docs/architecture.md): what an engine wraps, shards or replicates as a unit.
 ADAPTER_LEAF_TYPES: tuple[type, ...] = (LoraFactor, EmbeddingFactor, TokenRows, ExpertFactorA, ExpertFactorB,
-                                         WeightFactor)
+                                         WeightFactor, Magnitude)
 
 
 def register_lora_layer(base_type: type, factory: LoraFactory, linear: bool = False) -> None:

@@ -186,6 +186,9 @@ def _check_trainable(model: nn.Module) -> None:
     trainable bias would be sharded by the base's style and saved, merged and clipped as no
     adapter tensor is; refused before anything is sharded."""
     for name, module in model.named_modules():
+        if len(getattr(module, "lora_magnitude_vector", None) or {}):
+            raise NotImplementedError(f"tensor parallel: {name} is a DoRA adapter (use_dora=True); DoRA under tp is "
+                                      "not supported yet (use ddp, fsdp1, fsdp2 or zero3)")
         if getattr(module, "modules_to_save", None) is not None:
             raise NotImplementedError(f"tensor parallel: {name} is in modules_to_save; a trainable full copy of a "
                                       "sharded layer is not supported under tp (use fsdp2, or leave it out)")
