@@ -1,6 +1,6 @@
 """DoRA (peft's ``use_dora=True``): the weight's magnitude and direction trained apart.
 
-    Linear / Conv1D:  y = base(x) + (m / n - 1) * (base(x) - bias) + (m / n) * s * B(A(x))
+    Linear / Conv1D:  y = (m / n) * (base(x) - bias + s * B(A(x))) + bias
     Embedding:        y = (m / n) * (base(ids) + s * B(A[ids]))
 
 ``m`` is ``lora_magnitude_vector.<adapter>`` (one value per output row; per embedding dimension
@@ -96,26 +96,30 @@ def add_magnitude(layer, name: str) -> None:
 
 
 def linear_forward(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """``result`` (the base output, bias included) plus adapter ``name``'s DoRA term."""
+    """``result`` (the base output, bias included) with adapter ``name``'s DoRA applied:
+    peft's ``result + (m/n - 1) * base + (m/n) * lora``, arranged as ``(m/n) * (base + lora)`` (+
+    bias), with ``base + lora`` one addmm (lora_B's ``accumulate``)."""
     dropout = layer.lora_dropout[name]
-    dropped = dropout(x)
     scale = layer.lora_magnitude_vector[name](weight_norm(layer, name))  # gradient reaches m only
     lora_a, lora_b = layer.adapter_factors(name)
-    lora = lora_b(lora_a(dropped) * layer.scaling[name])
     if isinstance(dropout, nn.Identity) or not layer.training:
         bias = getattr(layer.base_layer, "bias", None)
         base = result if bias is None else result - bias
-    else:  # the base on the dropped input, as peft
-        base = F.linear(dropped.to(layer.base_layer.weight.dtype), _weight_rows(layer))
-    return result + ((scale - 1) * base + scale * lora).to(result.dtype)
+        adapted = lora_b(lora_a(x) * layer.scaling[name], accumulate=base)
+        out = (scale * adapted).to(result.dtype)
+        return out if bias is None else out + bias
+    dropped = dropout(x)  # the base once more, on the dropped input, as peft
+    base = F.linear(dropped.to(layer.base_layer.weight.dtype), _weight_rows(layer))
+    adapted = lora_b(lora_a(dropped) * layer.scaling[name], accumulate=base)
+    return result - base + (scale * adapted).to(result.dtype)
 
 
 def embedding_forward(layer, name: str, ids: torch.Tensor, result: torch.Tensor, **lookup) -> torch.Tensor:
     """(m / n) * (``result`` + s * B(A[ids]))."""
     scale = layer.lora_magnitude_vector[name](weight_norm(layer, name))
     lora_a, lora_b = layer.adapter_factors(name)
-    lora = lora_b(lora_a(ids, **lookup) * layer.scaling[name])
-    return (scale * (result + lora)).to(result.dtype)
+    adapted = lora_b(lora_a(ids, **lookup) * layer.scaling[name], accumulate=result)
+    return (scale * adapted).to(result.dtype)
 
 
 def _factor(layer, name: str, norm: torch.Tensor) -> torch.Tensor:
