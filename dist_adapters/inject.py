@@ -192,8 +192,9 @@ def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> int
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern, name), config.lora_alpha)
         layer.add_adapter(adapter_name, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                           use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
-        if config.use_dora:
-            layer.enable_dora(adapter_name)
+        if config.use_dora:  # the magnitude starts at the weight's norm: read it whole
+            with access.full_weights(layer, model):
+                layer.enable_dora(adapter_name)
         adapted += 1
     if adapted == 0:
         raise ValueError(

@@ -157,19 +157,46 @@ def dora_single(tmp_path_factory):
     return train_run(tmp_path_factory.mktemp("dora_single"), **SGD, **{"adapter.use_dora": "true"})
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp1", "fsdp2", "zero3"])
-def test_dora_recipe_under_each_engine_equals_single_process(dora_single, tmp_path, strategy):
-    """DoRA trains the same adapter on 2 ranks; FSDP and ZeRO-3 read the base weight the unit
-    already gathered for its forward, and the factors inside their own forwards."""
+TP2 = {"parallel.tp_size": 2}
+
+
+@pytest.mark.parametrize("strategy,ranks,extra", [
+    ("ddp", 2, {}), ("fsdp1", 2, {}), ("fsdp2", 2, {}), ("zero3", 2, {}), ("tp", 2, TP2),
+    ("fsdp2_tp", 4, {**TP2, "train.micro_batch_size": 2})])
+def test_dora_recipe_under_each_engine_equals_single_process(dora_single, tmp_path, strategy, ranks, extra):
+    """DoRA trains the same adapter on 2 ranks (fsdp2_tp: 4, a 2 x 2 mesh); FSDP and ZeRO-3 read
+    the base weight the unit already gathered for its forward, and the factors inside their own
+    forwards; tensor parallel computes the norm from each rank's rows."""
     from equivalence import assert_equivalent
     from recipe_helpers import SGD, SGD_TOL, assert_peft_reproduces, train_run
 
     out = train_run(tmp_path / "run", **SGD, **{"adapter.use_dora": "true", "parallel.strategy": strategy,
-                                                "launch.nproc_per_node": 2})
-    assert_equivalent(out, dora_single, SGD_TOL, f"dora {strategy}@2 vs none@1")
+                                                "launch.nproc_per_node": ranks, **extra})
+    assert_equivalent(out, dora_single, SGD_TOL, f"dora {strategy}@{ranks} vs none@1")
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(k.endswith(".lora_magnitude_vector") for k in saved)
     if strategy == "ddp":
         # peft computes the weight norm another way (B A built): the built-in model's logits
         # (up to 4.8) agree to 3.5e-6, within the issue's 1e-5
         assert_peft_reproduces(out, tol=1e-5)
+
+
+def test_dora_on_a_zero3_partitioned_model(tmp_path):
+    """tests/dist/zero3_dora.py: the magnitudes of a model built partitioned (zero.Init) start at
+    the gathered weight's norms; the engine's logits, merged and unmerged, are one process's."""
+    import json
+    import subprocess
+
+    from recipe_helpers import ROOT
+    from test_tp import TORCHRUN
+
+    result = tmp_path / "result.json"
+    res = subprocess.run([*TORCHRUN, "tests/dist/zero3_dora.py", str(tmp_path), str(result)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(result.read_text())
+    print(r)
+    assert r["partitioned"]  # the base really was partitioned when the adapter was injected
+    assert r["magnitude_vs_plain"] <= 1e-6  # measured 6e-8 (a partition's norm would be far off)
+    assert r["logits"] <= LOGITS_TOL and r["merged"] <= 1e-5 and r["unmerged"] <= LOGITS_TOL  # <= 6.4e-7
+    assert r["merged_flags"]

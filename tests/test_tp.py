@@ -63,6 +63,14 @@ def test_tp_layers_match_one_process(tmp_path):
         assert r[f"{tag}_loaded"] <= LOGITS_TOL  # measured 1.2e-7 to 1.5e-7
         assert r[f"{tag}_state_dict"] == 0.0 and r[f"{tag}_state_dict_keys"]  # gathered values, no arithmetic
     assert r["tie_kept"]
+    # DoRA: the magnitude follows the output rows; one process's logits and gradients (relative),
+    # merge / unmerge (a no-op merge leaves the base's logits, 0.36 away), full peft tensors
+    assert r["dora_magnitude_placements"] == ["(Shard(dim=0),)", "(Replicate(),)"]
+    assert r["dora_logits"] <= LOGITS_TOL  # measured 8.9e-8
+    assert r["dora_grad_keys_equal"] and r["dora_grads"] <= 1e-5  # measured 8.7e-7
+    assert r["dora_merged"] <= LOGITS_TOL and r["dora_unmerged"] <= LOGITS_TOL  # measured 1e-7
+    assert r["dora_merge_moves"] > 0.1
+    assert r["dora_state_dict"] == 0.0 and r["dora_state_dict_keys"]
     # a model transformers sharded itself (DistributedConfig(tp_size=2)), our adapter adopted and
     # loaded into it: one process's logits and gradients, merge / unmerge, full peft tensors
     assert r["hf_q_local_shape"] == [16, 32]

@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ROW_CHUNK = 2048  # rows of W turned into fp32 at a time
@@ -70,10 +69,28 @@ def forget_weight(layer) -> None:
     layer.__dict__.pop("_dora_squared_rows", None)
 
 
+def weight_rows(layer) -> torch.Tensor:
+    """The layer's own rows of W (an engine's subclass may hold them sharded: ``dora_rows``)."""
+    own = getattr(layer, "dora_rows", None)
+    return own() if own is not None else _weight_rows(layer)
+
+
+def squared_rows(layer, rows: torch.Tensor) -> torch.Tensor:
+    """|W|^2 per row; an engine whose rows are partial (row-parallel) completes the sums."""
+    squares = _squared_rows(layer, rows)
+    complete = getattr(layer, "dora_complete_squares", None)
+    return complete(squares) if complete is not None else squares
+
+
+def base_bias(layer) -> Optional[torch.Tensor]:
+    own = getattr(layer, "dora_bias", None)
+    return own() if own is not None else getattr(layer.base_layer, "bias", None)
+
+
 @torch.no_grad()
 def weight_norm(layer, name: str) -> torch.Tensor:
     """|W + s B A| per row (fp32), without building B A."""
-    rows = _weight_rows(layer)
+    rows = weight_rows(layer)
     lora_a, lora_b = layer.adapter_factors(name)
     s = layer.scaling[name]
     if hasattr(layer, "num_embeddings"):  # rows = W.T [d, V]: W A^T = (A W)^T
@@ -83,7 +100,7 @@ def weight_norm(layer, name: str) -> torch.Tensor:
     gram = lora_a(None, gram=True).float()  # [r, r]
     eye = torch.eye(gram.shape[0], device=gram.device, dtype=lora_b.weight.dtype)
     b = lora_b(eye).T.float()  # [out, r]
-    squared = _squared_rows(layer, rows) + 2 * s * (projected * b).sum(1) + s * s * ((b @ gram) * b).sum(1)
+    squared = squared_rows(layer, rows) + 2 * s * (projected * b).sum(1) + s * s * ((b @ gram) * b).sum(1)
     return squared.clamp_min(0).sqrt()
 
 
@@ -102,14 +119,16 @@ def linear_forward(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> t
     dropout = layer.lora_dropout[name]
     scale = layer.lora_magnitude_vector[name](weight_norm(layer, name))  # gradient reaches m only
     lora_a, lora_b = layer.adapter_factors(name)
+    bias = base_bias(layer)
     if isinstance(dropout, nn.Identity) or not layer.training:
-        bias = getattr(layer.base_layer, "bias", None)
         base = result if bias is None else result - bias
         adapted = lora_b(lora_a(x) * layer.scaling[name], accumulate=base)
         out = (scale * adapted).to(result.dtype)
         return out if bias is None else out + bias
-    dropped = dropout(x)  # the base once more, on the dropped input, as peft
-    base = F.linear(dropped.to(layer.base_layer.weight.dtype), _weight_rows(layer))
+    # the base once more, on the dropped input, as peft (its own forward: an engine's collectives run)
+    dropped = dropout(x)
+    base = layer.base_layer(dropped)
+    base = base if bias is None else base - bias
     adapted = lora_b(lora_a(dropped) * layer.scaling[name], accumulate=base)
     return result - base + (scale * adapted).to(result.dtype)
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from ..layers.dora import Magnitude
 from ..layers.lora import EmbeddingFactor, LoraEmbedding, LoraFactor, LoraLinear
 from ..layers.registry import ADAPTER_LEAF_TYPES
 from ..layers.tokens import TiedTokensHead, TokenRows, TrainableTokensLayer
@@ -128,6 +129,7 @@ def parallelize(model: nn.Module, mesh=None, plan: Optional[dict] = None) -> nn.
             parallelize_module(base, mesh, _base_style(style, base))
             placed.add(id(base))
         if isinstance(module, LoraLinear):
+            _place_dora(name, module, style, mesh)
             a_spec, b_spec = _FACTOR_PLACEMENTS[style]
             for factor in module.lora_A.values():
                 _distribute(factor, mesh, _placement(a_spec))
@@ -163,6 +165,7 @@ def adopt(model: nn.Module) -> nn.Module:
             continue
         placement = weight.placements[-1]
         style = {Shard(0): "colwise", Shard(1): "rowwise"}.get(placement, "replicate")
+        _place_dora(type(module.base_layer).__name__, module, style, weight.device_mesh)
         a_spec, b_spec = _FACTOR_PLACEMENTS.get(style, ("replicate", "replicate"))
         for factor in module.lora_A.values():
             _distribute(factor, weight.device_mesh, _placement(a_spec))
@@ -181,14 +184,28 @@ def adopt(model: nn.Module) -> nn.Module:
     return model
 
 
+def _place_dora(name: str, layer: LoraLinear, style: str, mesh) -> None:
+    """DoRA over a column- or row-parallel base: the magnitude follows the output rows (Shard(0)
+    under colwise, whole under rowwise) and the layer becomes a ``TPDoraLinear``."""
+    if not len(layer.lora_magnitude_vector):
+        return
+    if style not in ("colwise", "rowwise"):
+        raise NotImplementedError(f"tensor parallel: {name} is a DoRA adapter over a {style!r} base; DoRA under tp "
+                                  "runs over column- and row-parallel linears only")
+    for magnitude in layer.lora_magnitude_vector.values():
+        _distribute(magnitude, mesh, Shard(0) if style == "colwise" else Replicate())
+    layer.__class__ = TPDoraLinear
+    layer.row_parallel = style == "rowwise"
+
+
 def _check_trainable(model: nn.Module) -> None:
     """Only adapter leaves may train under tp: a trainable full copy (modules_to_save) or a
     trainable bias would be sharded by the base's style and saved, merged and clipped as no
     adapter tensor is; refused before anything is sharded."""
     for name, module in model.named_modules():
-        if len(getattr(module, "lora_magnitude_vector", None) or {}):
-            raise NotImplementedError(f"tensor parallel: {name} is a DoRA adapter (use_dora=True); DoRA under tp is "
-                                      "not supported yet (use ddp, fsdp1, fsdp2 or zero3)")
+        if len(getattr(module, "lora_magnitude_vector", None) or {}) and not isinstance(module, LoraLinear):
+            raise NotImplementedError(f"tensor parallel: {name} is a DoRA adapter over a {type(module).__name__}; "
+                                      "DoRA under tp runs over linear layers only")
         if getattr(module, "modules_to_save", None) is not None:
             raise NotImplementedError(f"tensor parallel: {name} is in modules_to_save; a trainable full copy of a "
                                       "sharded layer is not supported under tp (use fsdp2, or leave it out)")
@@ -264,10 +281,49 @@ def tp_linear(x: torch.Tensor, weight: DTensor, accumulate: Optional[torch.Tenso
 
 
 class TPLoraFactor(LoraFactor):
-    """A LoRA factor whose weight is a DTensor (``tp_linear``)."""
+    """A LoRA factor whose weight is a DTensor (``tp_linear``). ``gram`` (DoRA's A A^T): local
+    under ``Replicate``; under ``Shard(1)`` the partial products are all-reduced (no backward:
+    the norm is a constant)."""
 
-    def forward(self, x: torch.Tensor, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: Optional[torch.Tensor], accumulate: Optional[torch.Tensor] = None,
+                gram: bool = False) -> torch.Tensor:
+        if gram:
+            product = self.weight @ self.weight.T
+            return product.full_tensor() if isinstance(product, DTensor) else product
         return tp_linear(x, self.weight, accumulate)
+
+
+class TPMagnitude(Magnitude):
+    """DoRA's magnitude as a DTensor: this rank's rows (``Shard(0)``, column-parallel base) or all
+    of them (``Replicate``, row-parallel base, whose output every rank holds whole)."""
+
+    def forward(self, norm: torch.Tensor) -> torch.Tensor:
+        return self.weight.to_local() / norm
+
+
+class TPDoraLinear(LoraLinear):
+    """A DoRA layer over a tensor-parallel base: the norm reads this rank's rows of W. Under a
+    row-parallel base each rank holds a slice of every row, so the sums of squares are
+    all-reduced (forward only: the norm is a constant, no backward); ``W A^T`` is completed by
+    lora_A's own all-reduce (``tp_linear``, Shard(1))."""
+
+    row_parallel = False
+
+    def dora_rows(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return weight.to_local() if isinstance(weight, DTensor) else weight
+
+    def dora_complete_squares(self, squares: torch.Tensor) -> torch.Tensor:
+        if not self.row_parallel:
+            return squares
+        weight = self.base_layer.weight
+        total = squares.clone()
+        torch.distributed.all_reduce(total, group=weight.device_mesh.get_group())
+        return total
+
+    def dora_bias(self) -> Optional[torch.Tensor]:
+        bias = getattr(self.base_layer, "bias", None)
+        return bias.to_local() if isinstance(bias, DTensor) else bias
 
 
 class TPEmbeddingFactor(EmbeddingFactor):
@@ -287,7 +343,8 @@ class TPTokenRows(TokenRows):
         return self.place(x, base_out, self.weight.to_local(), mode, scale, bias)
 
 
-_TP_LEAVES = ((LoraFactor, TPLoraFactor), (EmbeddingFactor, TPEmbeddingFactor), (TokenRows, TPTokenRows))
+_TP_LEAVES = ((LoraFactor, TPLoraFactor), (EmbeddingFactor, TPEmbeddingFactor), (TokenRows, TPTokenRows),
+              (Magnitude, TPMagnitude))
 
 
 def _swap_in_tp_leaves(model: nn.Module) -> None:

@@ -98,6 +98,24 @@ tiny = wrap(build(r=1))
 da.save_adapter(tiny, os.path.join(out_dir, "tiny"))
 results["tiny_saved"] = os.path.exists(os.path.join(out_dir, "tiny", "adapter_model.safetensors")) if rank == 0 else True
 
+# DoRA: merge / unmerge under the engine keep one process's logits
+def build_dora():
+    model = tiny_llama(tie=True)
+    da.inject(model, da.LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    randomize_trainable(model)
+    return model
+
+
+dora_expected = fwd(build_dora())
+dora = wrap(build_dora())
+results["dora_logits"] = (fwd(dora) - dora_expected).abs().max().item()
+da.merge(dora)
+results["dora_merged"] = (fwd(dora) - dora_expected).abs().max().item()
+results["dora_merge_moves"] = max((w - base_weights[n]).abs().max().item() for n, w in full_base_weights(dora).items()
+                                  if n in base_weights and "layers.0.self_attn.q_proj" in n)
+da.unmerge(dora)
+results["dora_unmerged"] = (fwd(dora) - dora_expected).abs().max().item()
+
 if engine == "fsdp1_orig":  # FSDP1 keeps biases in frozen flat parameters: bias='all' is refused by name
     from helpers import tiny_gpt2
 

@@ -106,6 +106,42 @@ for tie in (False, True):
         results[f"{tag}_state_dict"] = max((sd[k] - plain_sd[k]).abs().max().item() for k in plain_sd)
         results[f"{tag}_state_dict_keys"] = sorted(sd) == sorted(plain_sd)
 
+# DoRA over column- and row-parallel bases: the norm from this rank's rows (row-parallel: the
+# sums of squares all-reduced), magnitudes placed with the output rows
+def build_dora():
+    model = tiny_llama()
+    da.inject(model, da.LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    randomize_trainable(model)
+    return model
+
+
+plain = build_dora().train()
+ref_logits, ref_loss = loss_of(plain)
+ref_loss.backward()
+ref_grads = grads(plain)
+model = tensor.parallelize(build_dora().train())
+logits, loss = loss_of(model)
+loss.backward()
+got = grads(model)
+results["dora_magnitude_placements"] = [
+    str(model.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].weight.placements),
+    str(model.model.layers[0].self_attn.o_proj.lora_magnitude_vector["default"].weight.placements)]
+results["dora_logits"] = (logits.detach() - ref_logits.detach()).abs().max().item()
+results["dora_grad_keys_equal"] = sorted(got) == sorted(ref_grads)
+results["dora_grads"] = max((got[n] - ref_grads[n]).abs().max().item() / ref_grads[n].abs().max().item()
+                            for n in ref_grads)
+with torch.no_grad():
+    expected = plain.eval()(input_ids=input_ids()).logits
+    base_logits = da.unload(build_dora(), merge=False)(input_ids=input_ids()).logits
+    da.merge(model.eval())
+    results["dora_merged"] = (model(input_ids=input_ids()).logits - expected).abs().max().item()
+    results["dora_merge_moves"] = (model(input_ids=input_ids()).logits - base_logits).abs().max().item()
+    da.unmerge(model)
+    results["dora_unmerged"] = (model(input_ids=input_ids()).logits - expected).abs().max().item()
+sd, plain_sd = da.adapter_state_dict(model), da.adapter_state_dict(plain)
+results["dora_state_dict"] = max((sd[k] - plain_sd[k]).abs().max().item() for k in plain_sd)
+results["dora_state_dict_keys"] = sorted(sd) == sorted(plain_sd) and any("magnitude" in k for k in sd)
+
 # a model transformers sharded itself (DistributedConfig(tp_size=2), Llama's base_model_tp_plan),
 # our adapter injected, adopted (tensor.adopt) and loaded: logits, gradients, merge / unmerge, save
 from transformers import AutoModelForCausalLM  # noqa: E402
