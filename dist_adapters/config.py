@@ -157,10 +157,13 @@ class LoraConfig(_PeftConfigBase):
             raise ValueError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian", "loftq"):
+        weight_init = isinstance(self.init_lora_weights, str) and (
+            self.init_lora_weights in ("pissa", "olora") or (self.init_lora_weights.startswith("pissa_niter_")
+                                                             and self.init_lora_weights[12:].isdigit()))
+        if self.init_lora_weights not in (True, False, "gaussian", "loftq") and not weight_init:
             raise ValueError(
-                "LoraConfig.init_lora_weights must be True, False, 'gaussian' or 'loftq', "
-                f"got {self.init_lora_weights!r}"
+                "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'loftq', 'pissa', 'pissa_niter_K' "
+                f"or 'olora', got {self.init_lora_weights!r}"
             )
         if self.init_lora_weights == "loftq" and not isinstance(self.loftq_config, LoftQConfig):
             raise ValueError("LoraConfig.loftq_config must be set when init_lora_weights='loftq'")

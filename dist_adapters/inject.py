@@ -30,6 +30,7 @@ from torch import nn
 from .config import LoraConfig, TrainableTokensConfig, get_pattern_key
 from .control import adapter_configs, adapter_layers, unwrap
 from .init.loftq import apply_loftq
+from .init.pissa import apply_weight_init, is_weight_init
 from .inject_parameters import convert_moe_targets, inject_parameters, moe_family
 from .layers import optional, registry
 from .layers.lora import LoraEmbedding, LoraLinear
@@ -323,6 +324,8 @@ def inject(model: nn.Module, config, adapter_name: str = "default") -> nn.Module
         _inject_lora(inner, config, adapter_name)
         if config.init_lora_weights == "loftq":  # base weights become Q, factors LoftQ's (init/loftq.py)
             apply_loftq(inner, config, adapter_name, wrapper=model)
+        elif is_weight_init(config.init_lora_weights):  # PiSSA / OLoRA: the base becomes the residual
+            apply_weight_init(inner, config, adapter_name, wrapper=model)
         if config.modules_to_save:
             _inject_modules_to_save(inner, list(config.modules_to_save), adapter_name)
         if config.trainable_token_indices is not None:

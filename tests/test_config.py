@@ -79,7 +79,8 @@ def test_trainable_tokens_and_loftq_configs_roundtrip(tmp_path):
     (dict(lora_dropout=1.0), r"LoraConfig.lora_dropout must be in \[0, 1\), got 1.0"),
     (dict(lora_dropout=-0.1), r"LoraConfig.lora_dropout must be in \[0, 1\), got -0.1"),
     (dict(bias="some"), r"LoraConfig.bias must be 'none', 'all' or 'lora_only', got 'some'"),
-    (dict(init_lora_weights="pissa"), r"init_lora_weights must be True, False, 'gaussian' or 'loftq'"),
+    (dict(init_lora_weights="pissa_niter_x"), r"init_lora_weights must be True, False, 'gaussian', 'loftq', "
+                                              r"'pissa', 'pissa_niter_K' or 'olora'"),
     (dict(init_lora_weights="loftq"), r"loftq_config must be set when init_lora_weights='loftq'"),
     (dict(loftq_config={"loftq_bits": 4}), r"loftq_config is set but init_lora_weights is not 'loftq'"),
     (dict(rank_pattern={"q_proj": 0}), r"LoraConfig.rank_pattern\['q_proj'\] must be > 0, got 0"),

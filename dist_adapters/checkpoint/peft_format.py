@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
@@ -77,8 +78,13 @@ def _auto_mapping(model: nn.Module) -> dict:
     return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
 
-def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> str:
+def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
+                 convert_from: Optional[str] = None) -> str:
     """Write a PEFT directory; a non-default adapter goes to ``path/<adapter_name>`` as peft does.
+
+    ``convert_from``: the PEFT directory of this PiSSA / OLoRA adapter at its start (as peft's
+    ``path_initial_model_for_weight_conversion``): writes instead the plain LoRA of rank 2r that
+    gives the trained model on the original base (``init/pissa.py: convert_to_lora``).
 
     Collective-safe: every rank computes the state dict, only rank 0 writes; the weights file is
     written first and the config last, each atomically, so a directory with a config is complete.
@@ -89,6 +95,11 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     tensors = adapter_state_dict(model, adapter_name)
     if not tensors:
         raise RuntimeError(f"adapter {adapter_name!r} has no tensors to save")
+    if convert_from is not None:
+        from ..init.pissa import convert_to_lora, converted_config
+
+        tensors = convert_to_lora(tensors, read_adapter_weights(convert_from)[0])
+        config = converted_config(config)
     out_dir = path if adapter_name == "default" else os.path.join(path, adapter_name)
     if rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
