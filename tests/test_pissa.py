@@ -86,3 +86,40 @@ def test_weight_inits_refuse_what_they_cannot_run_on():
 
         convert_to_lora({"base_model.model.x.lora_A.weight": torch.ones(2, 3)}, {})
     assert input_ids() is not None
+
+
+@pytest.fixture(scope="module")
+def pissa_single(tmp_path_factory):
+    """The demo recipe with adapter.init_lora_weights: pissa on one process (plain SGD)."""
+    from recipe_helpers import SGD, train_run
+
+    return train_run(tmp_path_factory.mktemp("pissa_single"), **SGD, **{"adapter.init_lora_weights": "pissa"})
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_pissa_recipe_under_fsdp2_and_zero3_equals_single_process(pissa_single, tmp_path, strategy):
+    """PiSSA in the recipe: the residual base goes to OUTPUT/base_model and the initial adapter to
+    OUTPUT/pissa_init; 2 ranks train the adapter of one process; peft reproduces the run on the
+    residual base, and the converted rank-2r LoRA reproduces it on the original (built-in) base."""
+    from transformers import AutoModelForCausalLM
+
+    from dist_adapters.recipe import builtin
+    from equivalence import assert_equivalent
+    from recipe_helpers import SGD, SGD_TOL, assert_peft_reproduces, train_run
+
+    out = train_run(tmp_path / "run", **SGD, **{"adapter.init_lora_weights": "pissa", "parallel.strategy": strategy,
+                                                "launch.nproc_per_node": 2})
+    assert_equivalent(out, pissa_single, SGD_TOL, f"pissa {strategy}@2 vs none@1")
+    assert (out / "pissa_init" / "adapter_model.safetensors").is_file()
+    assert_peft_reproduces(out)
+    residual = AutoModelForCausalLM.from_pretrained(str(out / "base_model"))
+    original = builtin.builtin_model(0, builtin.builtin_tokenizer())
+    assert max_diff(residual.model.layers[0].self_attn.q_proj.weight,
+                    original.model.layers[0].self_attn.q_proj.weight) > 1e-3  # the base really is the residual
+    trained = da.load_adapter(residual, str(out / "adapter"))
+    da.save_adapter(trained, str(tmp_path / "lora"), convert_from=str(out / "pissa_init"))
+    ids = input_ids()
+    with torch.no_grad():
+        on_original = PeftModel.from_pretrained(original, str(tmp_path / "lora")).eval()(input_ids=ids).logits
+        expected = trained.eval()(input_ids=ids).logits
+    assert (on_original - expected).abs().max() <= 1e-5

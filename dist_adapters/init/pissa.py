@@ -38,7 +38,7 @@ def is_weight_init(value) -> bool:
 
 
 def factors(weight: torch.Tensor, r: int, scaling: float, how: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [r, in], B [out, r]) of ``weight`` [out, in] (fp32) for ``how`` (pissa / pissa_niter_K / olora)."""
+    """(A [r, in], B [out, r]) of ``weight`` [out, in] for ``how`` (pissa / pissa_niter_K / olora)."""
     if how == "olora":
         q, rr = torch.linalg.qr(weight)
         return rr[:r].contiguous(), q[:, :r].contiguous()
@@ -70,7 +70,10 @@ def apply_weight_init(model: nn.Module, config, adapter_name: str, wrapper: Opti
     for _, layer in tqdm(layers, desc=how, disable=None):
         with full_weights(layer, wrapper or model), torch.no_grad():
             weight = layer.base_layer.weight
-            w = (weight.T if layer.fan_in_fan_out else weight).float()
+            # float64: the factors must not depend on the thread count (an fp32 SVD on 1 and on 2
+            # threads differs by 3e-5 in the factors, docs/field-notes.md), as ranks and a
+            # single process run with different counts
+            w = (weight.T if layer.fan_in_fan_out else weight).double()
             scaling = layer.scaling[adapter_name]
             a, b = factors(w, layer.r[adapter_name], scaling, how)
             residual = w - scaling * (b @ a)

@@ -1,7 +1,8 @@
-"""``adapter.init_lora_weights: loftq`` in the recipe.
+"""``adapter.init_lora_weights: loftq`` (and ``pissa``, ``pissa_niter_K``, ``olora``) in the recipe.
 
 LoftQ changes the base: its weights become Q (W quantized and dequantized) and the adapter starts
-at the low-rank part of W - Q. An adapter trained that way is only right over Q, so the recipe
+at the low-rank part of W - Q. PiSSA and OLoRA change it too: the base becomes the residual
+W - s B A (init/pissa.py). An adapter trained that way is only right over that base, so the recipe
 saves Q as ``OUTPUT/base_model`` (also when ``model.path`` is given: that directory keeps W) and
 points ``base_model_name_or_path`` at it. With ``model.quantization`` the base is then loaded from
 there through bitsandbytes: Q lies on the nf4 grid, so quantizing it again gives Q back and the
@@ -20,6 +21,7 @@ import torch
 
 from ..checkpoint.peft_format import load_adapter, save_adapter
 from ..config import LoraConfig
+from ..init.pissa import is_weight_init
 from ..control import adapter_configs
 from ..inject import inject
 from ..merge import unload
@@ -30,6 +32,18 @@ from .config import RecipeError
 
 def wants_loftq(adapter_cfg) -> bool:
     return isinstance(adapter_cfg, LoraConfig) and adapter_cfg.init_lora_weights == "loftq"
+
+
+def changes_base(adapter_cfg) -> bool:
+    """LoftQ, PiSSA or OLoRA: the initialisation rewrites the base weights."""
+    return wants_loftq(adapter_cfg) or (isinstance(adapter_cfg, LoraConfig)
+                                        and is_weight_init(adapter_cfg.init_lora_weights))
+
+
+def init_dir_name(adapter_cfg: LoraConfig) -> str:
+    """``loftq_init``, ``pissa_init`` or ``olora_init``: the initial adapter, kept for peft's
+    conversion to a plain LoRA on the original base (``da.save_adapter(..., convert_from=)``)."""
+    return adapter_cfg.init_lora_weights.split("_niter_")[0] + "_init"
 
 
 def check(cfg: dict, adapter_cfg: LoraConfig) -> None:
@@ -48,14 +62,16 @@ def check(cfg: dict, adapter_cfg: LoraConfig) -> None:
 
 
 def loftq_start(cfg: dict, model, tokenizer, adapter_cfg: LoraConfig, dist):
-    """LoftQ on the full-precision ``model``; returns the model to train (quantized when
-    ``model.quantization`` is set) with the adapter injected at LoftQ's factors. Writes
-    ``OUTPUT/base_model`` (Q) and ``OUTPUT/loftq_init`` (the initial PEFT adapter)."""
+    """LoftQ (or PiSSA, OLoRA) on the full-precision ``model``; returns the model to train
+    (quantized when ``model.quantization`` is set) with the adapter injected at its initial
+    factors. Writes ``OUTPUT/base_model`` (Q, or the residual) and ``OUTPUT/<method>_init`` (the
+    initial PEFT adapter)."""
     out = cfg["train"]["output_dir"]
     base_dir = os.path.abspath(os.path.join(out, "base_model"))
-    init_dir = os.path.abspath(os.path.join(out, "loftq_init"))
-    inject(model, adapter_cfg)  # base weights -> Q, factors -> LoftQ's (init/loftq.py, one layer at a time)
-    # saved as a plain LoRA init: peft would otherwise run its own (CUDA-only) LoftQ on load
+    init_dir = os.path.abspath(os.path.join(out, init_dir_name(adapter_cfg)))
+    inject(model, adapter_cfg)  # base weights -> Q or the residual, factors -> the method's (one layer at a time)
+    # saved as a plain LoRA init: peft would otherwise run its own LoftQ / PiSSA on load (and
+    # rewrite the base it loads onto)
     configs = adapter_configs(model)
     configs["default"] = dataclasses.replace(configs["default"], init_lora_weights=True, loftq_config={},
                                              base_model_name_or_path=base_dir)
@@ -75,4 +91,7 @@ def loftq_start(cfg: dict, model, tokenizer, adapter_cfg: LoraConfig, dist):
 
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     load_adapter(model, init_dir)
+    if dist.is_main:
+        print(f"{adapter_cfg.init_lora_weights}: the base the adapter trains on is {base_dir}; the initial adapter "
+              f"is {init_dir}", flush=True)
     return model

@@ -131,8 +131,8 @@ def make_optimizer_factory(train_cfg: dict):
 def peft_snippet(cfg: dict) -> str:
     """The three lines that load the run's adapter with peft."""
     out = cfg["train"]["output_dir"]
-    # LoftQ rewrites the base (Q in place of W): it is saved to OUTPUT/base_model like the built-in one
-    rewritten = cfg["model"]["path"] is None or loftq.wants_loftq(adapter_config(cfg))
+    # LoftQ / PiSSA / OLoRA rewrite the base: it is saved to OUTPUT/base_model like the built-in one
+    rewritten = cfg["model"]["path"] is None or loftq.changes_base(adapter_config(cfg))
     base = os.path.join(out, "base_model") if rewritten else cfg["model"]["path"]
     if cfg["model"]["quantization"] is not None:  # the same quantized base
         return ("import torch\nfrom transformers import AutoModelForCausalLM, BitsAndBytesConfig\nfrom peft import PeftModel\n"
@@ -179,10 +179,10 @@ def _adapted_model(cfg: dict, dist: DistInfo, accumulation: int):
     the built-in model and for LoftQ (whose base becomes Q)."""
     tr, out = cfg["train"], cfg["train"]["output_dir"]
     adapter_cfg = adapter_config(cfg)
-    use_loftq = loftq.wants_loftq(adapter_cfg)
+    use_loftq = loftq.changes_base(adapter_cfg)
     model, tokenizer = _load_model(cfg, accumulation, dist.world_size, dist.device, full=use_loftq)
     torch.manual_seed(tr["seed"])  # same adapter init on every rank
-    if use_loftq:  # the base becomes Q, saved as OUTPUT/base_model (recipe/loftq.py)
+    if use_loftq:  # the base becomes Q or the residual, saved as OUTPUT/base_model (recipe/loftq.py)
         model = loftq.loftq_start(cfg, model, tokenizer, adapter_cfg, dist)
     else:
         if cfg["model"]["path"] is None:
