@@ -200,3 +200,25 @@ def test_dora_on_a_zero3_partitioned_model(tmp_path):
     assert r["magnitude_vs_plain"] <= 1e-6  # measured 6e-8 (a partition's norm would be far off)
     assert r["logits"] <= LOGITS_TOL and r["merged"] <= 1e-5 and r["unmerged"] <= LOGITS_TOL  # <= 6.4e-7
     assert r["merged_flags"]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dora_over_a_quantized_base_equals_peft(tmp_path, bits):
+    """QLoRA + DoRA: the norm reads the dequantized weight (as peft, per forward); peft reproduces
+    our adapter over the same bitsandbytes base; merge requantizes (W + s B A scaled by m / n)."""
+    from test_quantized import Q4, _quantized
+
+    base_dir = tmp_path / "base"
+    MODELS["llama"]().save_pretrained(base_dir)
+    q = {**Q4, "bits": bits}
+    ours = _quantized(str(base_dir), q)
+    da.inject(ours, da.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True))
+    randomize_trainable(ours)
+    da.save_adapter(ours, str(tmp_path / "adapter"))
+    theirs = PeftModel.from_pretrained(_quantized(str(base_dir), q), str(tmp_path / "adapter")).eval()
+    ids = input_ids()
+    with torch.no_grad():
+        a, b = ours.eval()(input_ids=ids).logits, theirs(input_ids=ids).logits
+        base = _quantized(str(base_dir), q).eval()(input_ids=ids).logits
+    print(f"DoRA over {bits}-bit: ours vs peft {max_diff(a, b):.2e}")
+    assert max_diff(a, b) <= 1e-5 and max_diff(a, base) > 1e-3

@@ -73,7 +73,7 @@ class LoraQuantizedLinear(LoraLinear):
     """LoRA over ``bnb.nn.Linear4bit`` or ``bnb.nn.Linear8bitLt``: lora_A [r, in], lora_B
     [out, r] in fp32 (or the compute dtype when that is fp32/fp64), as peft's bnb layers."""
 
-    supports_dora = False  # DoRA needs the dequantized weight's norms: not yet
+    supports_dora = True  # the norm reads the weight dequantized, once per forward (as peft)
 
     def __init__(self, base_layer: nn.Module) -> None:
         # not LoraLinear.__init__: it reads the shape from the weight, and a packed 4-bit weight
@@ -84,6 +84,7 @@ class LoraQuantizedLinear(LoraLinear):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (layers/dora.py)
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         if isinstance(base_layer, bnb.nn.Linear4bit):
@@ -100,7 +101,7 @@ class LoraQuantizedLinear(LoraLinear):
                       "again, so it carries a second rounding (as peft's merge does)")
         weight = dequantized_weight(self.base_layer)
         for name in names:
-            weight += self.delta_weight(name)
+            weight = self._merged(name, weight, self.delta_weight(name))
             self.merged_adapters.append(name)
         requantize(self.base_layer, weight)
 
@@ -112,8 +113,13 @@ class LoraQuantizedLinear(LoraLinear):
                       "again; the base does not get its original codes back exactly")
         weight = dequantized_weight(self.base_layer)
         while self.merged_adapters:
-            weight -= self.delta_weight(self.merged_adapters.pop())
+            name = self.merged_adapters.pop()
+            weight = self._unmerged(name, weight, self.delta_weight(name))
         requantize(self.base_layer, weight)
+
+    def dora_rows(self) -> torch.Tensor:
+        """DoRA's norm reads W dequantized (a full-size fp32 temporary, as peft's per forward)."""
+        return dequantized_weight(self.base_layer)
 
 
 def _factory(module: nn.Module, config, shape: tuple) -> nn.Module:
