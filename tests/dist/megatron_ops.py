@@ -295,6 +295,7 @@ class One(nn.Module):
 
 results["refused_bias"] = refusal(lambda: One(), da.LoraConfig(target_modules=["fc1"], bias="all"))
 results["refused_no_weight"] = refusal(lambda: One(skip_weight_param_allocation=True))
+results["refused_dora"] = refusal(lambda: One(), da.LoraConfig(target_modules=["fc1"], use_dora=True))
 results["refused_disable_grad_reduce"] = refusal(lambda: One(disable_grad_reduce=True))
 if world > 1:
     results["sequence_parallel_error"] = refusal(lambda: MLP(cfg=config(sequence_parallel=True)))
