@@ -181,9 +181,10 @@ def test_dora_recipe_under_each_engine_equals_single_process(dora_single, tmp_pa
         assert_peft_reproduces(out, tol=1e-5)
 
 
-def test_dora_on_a_zero3_partitioned_model(tmp_path):
+def test_dora_and_pissa_on_a_zero3_partitioned_model(tmp_path):
     """tests/dist/zero3_dora.py: the magnitudes of a model built partitioned (zero.Init) start at
-    the gathered weight's norms; the engine's logits, merged and unmerged, are one process's."""
+    the gathered weight's norms; the engine's logits, merged and unmerged, are one process's; and
+    PiSSA on such a model gives the plain model's residual and factors."""
     import json
     import subprocess
 
@@ -200,6 +201,9 @@ def test_dora_on_a_zero3_partitioned_model(tmp_path):
     assert r["magnitude_vs_plain"] <= 1e-6  # measured 6e-8 (a partition's norm would be far off)
     assert r["logits"] <= LOGITS_TOL and r["merged"] <= 1e-5 and r["unmerged"] <= LOGITS_TOL  # <= 6.4e-7
     assert r["merged_flags"]
+    # PiSSA on a partitioned model: gathered, factorised, the residual written into the partitions
+    assert r["pissa_partitioned"] and r["pissa_moved"] > 1e-2
+    assert r["pissa_residual"] <= 1e-6 and r["pissa_product"] <= 1e-6  # measured 0.0
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -1,6 +1,7 @@
 """Run under torchrun (2 ranks): DoRA on a model built partitioned under ZeRO-3 (HfDeepSpeedConfig
 + zero.Init): the magnitudes start at the gathered weight's norms, the engine's logits equal one
-process's, and merge / unmerge keep them. Writes measurements to argv[2] (JSON)."""
+process's, and merge / unmerge keep them; PiSSA on such a model (the residual written back into
+the partitions). Writes measurements to argv[2] (JSON)."""
 
 import json
 import os
@@ -28,6 +29,8 @@ dist.barrier()
 lora = dict(r=4, target_modules="all-linear", use_dora=True, init_lora_weights=False)
 torch.manual_seed(3)
 plain = da.inject(AutoModelForCausalLM.from_pretrained(base_dir), da.LoraConfig(**lora)).eval()
+pissa = dict(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights="pissa")
+pissa_plain = da.inject(AutoModelForCausalLM.from_pretrained(base_dir), da.LoraConfig(**pissa))
 config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 keep_alive = HfDeepSpeedConfig(config)  # noqa: F841 - makes from_pretrained build partitioned
@@ -50,6 +53,21 @@ with torch.no_grad():
     results["merged_flags"] = engine.module.model.layers[0].mlp.down_proj.merged_adapters == ["default"]
     da.unmerge(engine)
     results["unmerged"] = (engine(input_ids=ids).logits - expected).abs().max().item()
+
+# PiSSA on a model built partitioned: each layer's weight gathered, factorised, the residual
+# written back into the partitions; the same product and residual as on the plain model
+model = AutoModelForCausalLM.from_pretrained(base_dir)
+da.inject(model, da.LoraConfig(**pissa))
+layer, reference = model.model.layers[1].mlp.down_proj, pissa_plain.model.layers[1].mlp.down_proj
+params = [layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+with deepspeed.zero.GatheredParameters(params):  # DeepSpeed's own gather, not ours
+    residual, a, b = (p.detach().clone() for p in params)
+results["pissa_partitioned"] = model.model.layers[1].mlp.down_proj.base_layer.weight.numel() == 0
+results["pissa_residual"] = (residual - reference.base_layer.weight).abs().max().item()
+results["pissa_product"] = (b @ a - reference.lora_B["default"].weight @ reference.lora_A["default"].weight
+                            ).abs().max().item()
+results["pissa_moved"] = (b @ a).abs().max().item()
+
 if rank == 0:
     with open(result_file, "w") as fh:
         json.dump(results, fh)
