@@ -192,12 +192,24 @@ def test_read_megatron_shards_errors_name_the_file(runs, tmp_path):
 
 
 @pytest.mark.parametrize("tp", ["tp2", "tp1"])
+@pytest.mark.parametrize("variant", ["parallel", "gathered"])
+def test_dora_over_column_and_row_parallel_layers_equals_plain_layers(runs, tp, variant):
+    """DoRA on each rank's shard (row-parallel: the sums of squares and W A^T partial products
+    all-reduced) against nn.Linear layers with our DoRA and the full factors: the initial
+    magnitudes, the output, and merge / unmerge on the shards."""
+    got = runs[tp][1][f"dora_{variant}"]
+    print(tp, variant, got)
+    assert got["magnitudes"] <= TOL and got["output"] <= TOL
+    assert got["merged"] <= TOL and got["unmerged"] <= TOL
+
+
+@pytest.mark.parametrize("tp", ["tp2", "tp1"])
 def test_unsupported_options_are_refused_by_name(runs, tp):
     got = runs[tp][1]
     assert "LoraConfig(bias='all') over Megatron-core layers is not implemented" in got["refused_bias"]
     assert "without its own weight (skip_weight_param_allocation=True" in got["refused_no_weight"]
     assert "with disable_grad_reduce=True is not implemented" in got["refused_disable_grad_reduce"]
-    assert "use_dora=True on a LoraColumnParallelLinear" in got["refused_dora"]  # not yet (issue 19)
+    assert "use_dora=True with lora_dropout over a ColumnParallelLinear" in got["refused_dora"]
     if tp == "tp2":
         assert "sequence_parallel=True is not implemented" in got["sequence_parallel_error"]
         assert "LoRA over an expert ColumnParallelLinear (is_expert=True) is not implemented" in got["refused_expert"]

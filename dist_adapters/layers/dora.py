@@ -98,6 +98,9 @@ def weight_norm(layer, name: str) -> torch.Tensor:
     else:
         projected = torch.cat([lora_a(chunk).float() for chunk in rows.split(ROW_CHUNK)])  # [out, r]
     gram = lora_a(None, gram=True).float()  # [r, r]
+    complete = getattr(layer, "dora_complete_products", None)  # partial over an input split
+    if complete is not None:
+        projected, gram = complete(projected), complete(gram)
     eye = torch.eye(gram.shape[0], device=gram.device, dtype=lora_b.weight.dtype)
     b = lora_b(eye).T.float()  # [out, r]
     squared = squared_rows(layer, rows) + 2 * s * (projected * b).sum(1) + s * s * ((b @ gram) * b).sum(1)
@@ -151,7 +154,9 @@ def _factor(layer, name: str, norm: torch.Tensor) -> torch.Tensor:
 def merged(layer, name: str, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """(m / n) * (W + delta) in the weight's layout (fp32); remembers n for ``unmerged``."""
     adapted = weight.float() + delta
-    norm = (adapted.T if _transposed(layer) else adapted).norm(dim=1)
+    squares = (adapted.T if _transposed(layer) else adapted).pow(2).sum(1)
+    complete = getattr(layer, "dora_complete_local_squares", None)  # a merge on local shards
+    norm = (complete(squares) if complete is not None else squares).sqrt()
     layer.__dict__.setdefault("_dora_merge_norms", {})[name] = norm
     forget_weight(layer)
     return _factor(layer, name, norm) * adapted

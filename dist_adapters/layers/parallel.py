@@ -10,7 +10,10 @@ Shapes (tp = tensor-parallel size; "full" = the same tensor on every TP rank):
                                    dim 1
 
 so that the LoRA delta ``B @ A`` of each rank has exactly the shape of its local base weight and
-merge / unmerge are local (no gather). Checkpoints hold the full factors: the engine part
+merge / unmerge are local (no gather). DoRA (``layers/dora.py``): the magnitude is [out/tp]
+sharded like lora_B over a column base, [out] full over a row base; its norm reads the local
+rows, and over a row base the partial sums (|W|^2, W A^T, A A^T; and |W + s B A|^2 in merge) are
+all-reduced over the TP group, forward only (the norm is a constant in backward). Checkpoints hold the full factors: the engine part
 (``parallel/megatron.py``) all-gathers / slices the sharded one over the TP group named by its
 ``da_tp_group`` attribute; it also carries Megatron's own ``tensor_model_parallel`` /
 ``partition_dim`` attributes, so Megatron's grad-norm and checkpoint helpers treat it as sharded.
@@ -39,6 +42,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
+from . import dora
 from .lora import AdapterLayer, LoraFactor, _adapter_dtype, lora_scaling
 from .registry import register_lora_layer, register_refusal
 
@@ -122,7 +126,8 @@ class _MegatronLora(AdapterLayer):
     """Shared by both kinds: full-shape init, slicing, merge math. ``sharded`` names the factor
     split over TP ranks and ``dim`` its partition dim."""
 
-    adapter_module_names = ("lora_A", "lora_B")
+    adapter_module_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    supports_dora = True
     sharded: str = ""
     dim: int = 0
 
@@ -136,8 +141,48 @@ class _MegatronLora(AdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (layers/dora.py)
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
+
+    def adapter_factors(self, name: str) -> tuple[nn.Module, nn.Module]:
+        return self.lora_A[name], self.lora_B[name]
+
+    def enable_dora(self, name: str) -> None:
+        """DoRA on the local shard: the magnitude covers this rank's output rows (column-parallel,
+        sharded like lora_B) or all of them (row-parallel, replicated)."""
+        if not isinstance(self.lora_dropout[name], nn.Identity):
+            raise NotImplementedError(f"use_dora=True with lora_dropout over a {type(self.base_layer).__name__} is "
+                                      "not implemented (the base would run twice per forward); use lora_dropout=0")
+        dora.add_magnitude(self, name)
+        if self.sharded == "lora_B":
+            magnitude = self.lora_magnitude_vector[name].weight
+            set_tensor_model_parallel_attributes(magnitude, is_parallel=True, dim=0, stride=1)
+            magnitude.da_tp_group = self.tp_group
+
+    def _row_split(self) -> bool:
+        """Whether each rank holds a slice of every output row (row-parallel over > 1 rank)."""
+        return self.sharded == "lora_A" and self.tp_size > 1
+
+    def _all_reduced(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum over the TP group: all-reduce, forward only (DoRA's norm is a constant)."""
+        if not self._row_split():
+            return partial
+        total = partial.clone()
+        dist.all_reduce(total, group=self.tp_group)
+        return total
+
+    dora_complete_squares = dora_complete_products = dora_complete_local_squares = _all_reduced
+
+    def _dora(self, name: str, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``out`` (this rank's base output) with DoRA for adapter ``name``, given h = A(x) * s
+        complete on every rank: (m / n) * (out - bias + B h) + bias, with the bias the base added."""
+        bias = self.base_layer.bias if getattr(self.base_layer, "bias", None) is not None and not getattr(
+            self.base_layer, "skip_bias_add", False) else None
+        scale = self.lora_magnitude_vector[name](dora.weight_norm(self, name))
+        adapted = self.lora_B[name](h, accumulate=out if bias is None else out - bias)
+        result = (scale * adapted).to(out.dtype)
+        return result if bias is None else result + bias
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights=True) -> None:
@@ -176,8 +221,7 @@ class _MegatronLora(AdapterLayer):
             for t in (a, b):
                 dist.broadcast(t, src=src, group=self.tp_group)
         full = {"lora_A": a, "lora_B": b}
-        for kind in self.adapter_module_names:
-            value = full[kind]
+        for kind, value in full.items():
             if kind == self.sharded:
                 value = value.chunk(self.tp_size, dim=self.dim)[self.tp_rank]
             getattr(self, kind)[name].weight.copy_(value)
@@ -214,7 +258,7 @@ class LoraColumnParallelLinear(_MegatronLora):
         for name in run:
             h = self.lora_A[name](self.lora_dropout[name](x)) * self.scaling[name]
             h = mappings.copy_to_tensor_model_parallel_region(h, group=self.tp_group)
-            out = self.lora_B[name](h, accumulate=out)
+            out = self._dora(name, out, h) if name in self.lora_magnitude_vector else self.lora_B[name](h, accumulate=out)
         return (_gather(out, self.tp_group) if gather else out), bias
 
 
@@ -249,7 +293,7 @@ class LoraRowParallelLinear(_MegatronLora):
         for name in run:
             h = self.lora_A[name](self.lora_dropout[name](x)) * self.scaling[name]
             h = mappings.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
-            out = self.lora_B[name](h, accumulate=out)
+            out = self._dora(name, out, h) if name in self.lora_magnitude_vector else self.lora_B[name](h, accumulate=out)
         return out, bias
 
     def unloaded(self, merge: bool) -> nn.Module:

@@ -286,6 +286,54 @@ def moe_experts():
     return holder
 
 
+def dora_against_plain(variant):
+    """DoRA over the column- and row-parallel MLP against the same MLP of nn.Linear layers with our
+    (engine-free) DoRA and the full factors: initial magnitudes, output, merge / unmerge."""
+    model = build(variant)
+    torch.manual_seed(1)
+    da.inject(model, da.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=False,
+                                   use_dora=True))
+    w = full_base(model)
+    factors = {n: (all_gather_cat(p, SHARD_DIM[n]) if n in SHARD_DIM and world > 1 else p.detach().clone())
+               for n, p in model.named_parameters() if ".lora_" in n and "magnitude" not in n}
+    magnitudes = {n: (all_gather_cat(p, 0) if n.startswith("fc1") and world > 1 else p.detach().clone())
+                  for n, p in model.named_parameters() if "magnitude" in n}
+    plain = nn.Module()
+    plain.fc1, plain.fc2 = nn.Linear(H, FFN), nn.Linear(FFN, H)
+    with torch.no_grad():
+        for layer in ("fc1", "fc2"):
+            getattr(plain, layer).weight.copy_(w[f"{layer}.base_layer.weight"])
+            getattr(plain, layer).bias.copy_(w[f"{layer}.base_layer.bias"])
+    da.inject(plain, da.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["fc1", "fc2"]))
+    with torch.no_grad():
+        for n, p in plain.named_parameters():
+            if n in factors:
+                p.copy_(factors[n])
+        for layer in (plain.fc1, plain.fc2):
+            layer.enable_dora("default")  # the magnitude from the full weight and factors
+    plain_params = dict(plain.named_parameters())
+    got = {"magnitudes": max((magnitudes[n] - plain_params[n]).abs().max().item() for n in magnitudes)}
+    with torch.no_grad():  # magnitudes away from the norms (m / n != 1), the same in both models
+        g = torch.Generator().manual_seed(5)
+        for n, p in model.named_parameters():
+            if "magnitude" in n:
+                plain_params[n].mul_(1 + 0.5 * torch.rand(plain_params[n].shape, generator=g))
+                p.copy_(local_slice("fc1.lora_B.default.weight", plain_params[n]) if n.startswith("fc1")
+                        else plain_params[n])
+    with torch.no_grad():
+        expected = plain.fc2(F.gelu(plain.fc1(X)))
+        got["output"] = (model(X) - expected).abs().max().item()
+        da.merge(model)
+        got["merged"] = (model(X) - expected).abs().max().item()
+        da.unmerge(model)
+        got["unmerged"] = (model(X) - expected).abs().max().item()
+    return got
+
+
+for variant in ("parallel", "gathered"):
+    results[f"dora_{variant}"] = dora_against_plain(variant)
+
+
 class One(nn.Module):
     def __init__(self, **kw):
         super().__init__()
@@ -295,7 +343,7 @@ class One(nn.Module):
 
 results["refused_bias"] = refusal(lambda: One(), da.LoraConfig(target_modules=["fc1"], bias="all"))
 results["refused_no_weight"] = refusal(lambda: One(skip_weight_param_allocation=True))
-results["refused_dora"] = refusal(lambda: One(), da.LoraConfig(target_modules=["fc1"], use_dora=True))
+results["refused_dora"] = refusal(lambda: One(), da.LoraConfig(target_modules=["fc1"], use_dora=True, lora_dropout=0.1))
 results["refused_disable_grad_reduce"] = refusal(lambda: One(disable_grad_reduce=True))
 if world > 1:
     results["sequence_parallel_error"] = refusal(lambda: MLP(cfg=config(sequence_parallel=True)))
