@@ -32,7 +32,7 @@ from .control import adapter_configs, adapter_layers, unwrap
 from .init.loftq import apply_loftq
 from .init.pissa import apply_weight_init, is_weight_init
 from .inject_parameters import convert_moe_targets, inject_parameters, moe_family
-from .layers import optional, registry
+from .layers import dora, optional, registry
 from .layers.lora import LoraEmbedding, LoraLinear
 from .layers.modules_to_save import ModulesToSave
 from .layers.registry import ADAPTER_LAYER_TYPES
@@ -161,6 +161,16 @@ def _candidate_names(model: nn.Module) -> list[str]:
     inner: list[str] = [n + "." for n, _ in adapter_layers(model)]
     return [n for n, _ in model.named_modules(remove_duplicate=False)
             if n and not any(n.startswith(p) for p in inner)]
+
+
+def _restart_dora(model: nn.Module, adapter_name: str, wrapper: nn.Module) -> None:
+    """After an init that rewrote the base weights (LoftQ, PiSSA, OLoRA): DoRA magnitudes start at
+    the new weight's norms, as peft initialises them after those inits."""
+    for _, layer in adapter_layers(model):
+        if adapter_name in (getattr(layer, "lora_magnitude_vector", None) or {}):
+            with access.full_weights(layer, wrapper):
+                dora.forget_weight(layer)
+                layer.enable_dora(adapter_name)
 
 
 def _inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> int:
@@ -324,8 +334,10 @@ def inject(model: nn.Module, config, adapter_name: str = "default") -> nn.Module
         _inject_lora(inner, config, adapter_name)
         if config.init_lora_weights == "loftq":  # base weights become Q, factors LoftQ's (init/loftq.py)
             apply_loftq(inner, config, adapter_name, wrapper=model)
+            _restart_dora(inner, adapter_name, model)
         elif is_weight_init(config.init_lora_weights):  # PiSSA / OLoRA: the base becomes the residual
             apply_weight_init(inner, config, adapter_name, wrapper=model)
+            _restart_dora(inner, adapter_name, model)
         if config.modules_to_save:
             _inject_modules_to_save(inner, list(config.modules_to_save), adapter_name)
         if config.trainable_token_indices is not None:

@@ -226,3 +226,18 @@ def test_dora_over_a_quantized_base_equals_peft(tmp_path, bits):
         base = _quantized(str(base_dir), q).eval()(input_ids=ids).logits
     print(f"DoRA over {bits}-bit: ours vs peft {max_diff(a, b):.2e}")
     assert max_diff(a, b) <= 1e-5 and max_diff(a, base) > 1e-3
+
+
+@pytest.mark.parametrize("init", ["loftq", "pissa"])
+def test_dora_magnitude_starts_at_the_rewritten_weight(init):
+    """LoftQ and PiSSA rewrite the base weight: the magnitude starts at |W' + s B A| of the new
+    weight (peft initialises DoRA after those inits), and the cached |W|^2 is the new one's."""
+    extra = {"loftq_config": da.LoftQConfig(loftq_bits=4, loftq_iter=1)} if init == "loftq" else {}
+    model = da.inject(MODELS["llama"](), da.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
+                                                       init_lora_weights=init, **extra))
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        adapted = layer.base_layer.weight + layer.scaling["default"] * (layer.lora_B["default"].weight @
+                                                                          layer.lora_A["default"].weight)
+        assert max_diff(layer.lora_magnitude_vector["default"].weight, adapted.norm(dim=1)) <= 1e-5
+        assert max_diff(logits(model), logits(da.unload(model, merge=True))) <= LOGITS_TOL
