@@ -17,25 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
-
-
-def _rss_kb() -> int:
-    return _status_kb("VmRSS")
-
-
-def _peak_kb() -> int:
-    """This process's own peak (VmHWM; ru_maxrss would carry the parent's over fork + exec,
-    docs/field-notes.md)."""
-    return _status_kb("VmHWM")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sides import measure, report, run_rounds  # noqa: E402
 
 
 def run_side(side: str, args) -> dict:
@@ -77,13 +62,7 @@ def run_side(side: str, args) -> dict:
         for p in model.parameters():
             p.grad = None
 
-    step()  # warm-up
-    before = _rss_kb()
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-        step()
-    seconds = (time.perf_counter() - t0) / args.iters
-    return {"seconds": seconds, "peak_above_kb": max(0, _peak_kb() - before)}
+    return measure(step, args.iters)
 
 
 def main() -> None:
@@ -100,29 +79,10 @@ def main() -> None:
     if args.side:
         print(json.dumps(run_side(args.side, args)))
         return
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    sides = ["frozen", "dist_adapters", "peft"]
-    got: dict[str, list[dict]] = {s: [] for s in sides}
-    for _ in range(args.rounds):
-        for side in sides:
-            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], capture_output=True,
-                                 text=True, env=env, check=True)
-            got[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"MoE block E={args.experts} top-2, hidden {args.hidden}, intermediate {args.inter}, r={args.rank}, "
-          f"{args.tokens} tokens, fp32; {args.rounds} rounds x {args.iters} iters, one subprocess per side and round")
-    med = {}
-    for side in sides:
-        ts = [r["seconds"] for r in got[side]]
-        mem = statistics.median(r["peak_above_kb"] for r in got[side]) / 1024
-        med[side] = (statistics.median(ts), mem)
-        print(f"  {side:14s} time min/median/max {min(ts) * 1e3:8.1f} / {med[side][0] * 1e3:8.1f} / "
-              f"{max(ts) * 1e3:8.1f} ms   peak memory during fwd+bwd {mem:8.1f} MiB")
-    ratios = [o["seconds"] / p["seconds"] for o, p in zip(got["dist_adapters"], got["peft"])]
-    frozen_mem = med["frozen"][1]
-    mem_ratio = (med["dist_adapters"][1] - frozen_mem) / max(1e-9, med["peft"][1] - frozen_mem)
-    print(f"time ours/peft per round: min/median/max {min(ratios):.3f} / {statistics.median(ratios):.3f} / "
-          f"{max(ratios):.3f} (target <= 0.7)")
-    print(f"memory above the frozen layer's own fwd+bwd, ours/peft: {mem_ratio:.3f} (target <= 0.25)")
+    got = run_rounds(__file__, args.rounds)
+    report(got, f"MoE block E={args.experts} top-2, hidden {args.hidden}, intermediate {args.inter}, r={args.rank}, "
+                f"{args.tokens} tokens, fp32; {args.rounds} rounds x {args.iters} iters, one subprocess per side and "
+                "round", 0.7, 0.25)
 
 
 if __name__ == "__main__":
