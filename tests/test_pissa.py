@@ -96,8 +96,8 @@ def pissa_single(tmp_path_factory):
     return train_run(tmp_path_factory.mktemp("pissa_single"), **SGD, **{"adapter.init_lora_weights": "pissa"})
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
-def test_pissa_recipe_under_fsdp2_and_zero3_equals_single_process(pissa_single, tmp_path, strategy):
+@pytest.mark.parametrize("strategy,extra", [("fsdp2", {}), ("zero3", {}), ("fsdp1", {}), ("tp", {"parallel.tp_size": 2})])
+def test_pissa_recipe_under_each_engine_equals_single_process(pissa_single, tmp_path, strategy, extra):
     """PiSSA in the recipe: the residual base goes to OUTPUT/base_model and the initial adapter to
     OUTPUT/pissa_init; 2 ranks train the adapter of one process; peft reproduces the run on the
     residual base, and the converted rank-2r LoRA reproduces it on the original (built-in) base."""
@@ -108,7 +108,7 @@ def test_pissa_recipe_under_fsdp2_and_zero3_equals_single_process(pissa_single, 
     from recipe_helpers import SGD, SGD_TOL, assert_peft_reproduces, train_run
 
     out = train_run(tmp_path / "run", **SGD, **{"adapter.init_lora_weights": "pissa", "parallel.strategy": strategy,
-                                                "launch.nproc_per_node": 2})
+                                                "launch.nproc_per_node": 2, **extra})
     assert_equivalent(out, pissa_single, SGD_TOL, f"pissa {strategy}@2 vs none@1")
     assert (out / "pissa_init" / "adapter_model.safetensors").is_file()
     assert_peft_reproduces(out)
