@@ -222,17 +222,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(cfg)
     if not is_launched():
         _print_done(cfg, peft_snippet)
-    elif summary:
-        _leave_at_once()
     return 0 if summary else 1
 
 
 def _leave_at_once() -> None:
-    """A rank whose job is done (every file written, its process groups destroyed) exits without
-    interpreter finalization: finalizing objects that still reference an engine's communication
-    threads (DeepSpeed's, a device mesh's groups) can abort a finished rank ("terminate called
-    without an active exception", exit -6; seen about once in a hundred launches,
-    docs/field-notes.md), which would fail the whole job."""
+    """A launched rank whose job is done (every file written, its process groups destroyed)
+    exits without interpreter finalization: finalizing objects that still reference an engine's
+    communication threads (DeepSpeed's, a device mesh's groups) can abort a finished rank
+    ("terminate called without an active exception", exit -6; seen about once in a hundred
+    launches, docs/field-notes.md), which would fail the whole job. Only as ``python -m
+    dist_adapters.cli``: a caller of ``main()`` keeps its process."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -286,4 +285,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    from .launcher import is_launched
+
+    if exit_code == 0 and is_launched():
+        _leave_at_once()
+    sys.exit(exit_code)
