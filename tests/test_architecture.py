@@ -15,7 +15,8 @@ from dist_adapters.parallel.strategies import STRATEGIES, markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "dist_adapters")
-ENGINE_MODULES = {f"dist_adapters.parallel.{m}" for m in ("ddp", "fsdp", "deepspeed", "tensor", "megatron", "dtensor")}
+ENGINE_MODULES = {f"dist_adapters.parallel.{m}" for m in ("ddp", "fsdp", "deepspeed", "tensor", "expert", "megatron",
+                                                                   "dtensor")}
 LAYERS_MAY_NOT_IMPORT = ("dist_adapters.parallel", "dist_adapters.checkpoint", "dist_adapters.recipe",
                          "dist_adapters.inject", "dist_adapters.control")
 
