@@ -19,7 +19,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sides import measure, report, run_rounds  # noqa: E402
+from sides import measure_fwd_bwd, report, run_rounds  # noqa: E402
 
 
 def run_side(side: str, args) -> dict:
@@ -39,19 +39,8 @@ def run_side(side: str, args) -> dict:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(**config))
-    with torch.no_grad():  # non-zero B: neither side may shortcut a zero product
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.01)
     x = torch.randn(args.tokens // 128, 128, args.features, requires_grad=True)
-
-    def step():
-        model(x).sum().backward()
-        x.grad = None
-        for p in model.parameters():
-            p.grad = None
-
-    return measure(step, args.iters)
+    return measure_fwd_bwd(model, x, args.iters)
 
 
 def main() -> None:

@@ -24,6 +24,25 @@ def _status_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
 
 
+def measure_fwd_bwd(model, x, iters: int) -> dict:
+    """``measure`` of fwd+bwd of ``model`` on ``x`` (input gradient included), lora_B made
+    non-zero first so that neither side may shortcut a zero product."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+
+    def step():
+        model(x).sum().backward()
+        x.grad = None
+        for p in model.parameters():
+            p.grad = None
+
+    return measure(step, iters)
+
+
 def measure(step, iters: int) -> dict:
     """Time ``iters`` calls of ``step`` after one warm-up; the peak memory above the start."""
     step()
