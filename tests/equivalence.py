@@ -76,7 +76,8 @@ def assert_equivalent(run, reference, adapter_tol: float, label: str = "") -> di
 def global_batch(run_dir, step: int):
     """(input_ids, attention_mask, labels) of optimizer step ``step`` (1-based) of a finished run,
     from its recipe.json: the sample order of dist_adapters.recipe.data (the contract), the
-    tokenisation written out here (text + eos, truncated to seq_len, right-padded)."""
+    tokenisation written out here (text + eos, truncated to seq_len, right-padded; for
+    prompt/completion records the prompt's own tokens carry no label)."""
     from transformers import AutoTokenizer
 
     from dist_adapters.recipe import builtin
@@ -84,17 +85,22 @@ def global_batch(run_dir, step: int):
 
     cfg = json.loads(open(os.path.join(run_dir, "recipe.json"), encoding="utf-8").read())
     with open(cfg["data"]["path"] or builtin.DATA_FILE, encoding="utf-8") as fh:
-        texts = [json.loads(line)["text"] for line in fh if line.strip()]
+        records = [json.loads(line) for line in fh if line.strip()]
     tr, seq_len = cfg["train"], cfg["data"]["seq_len"]
     tok = AutoTokenizer.from_pretrained(os.path.join(run_dir, "base_model"))
     ids = torch.full((tr["global_batch_size"], seq_len), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
     mask = torch.zeros_like(ids)
-    for row, index in enumerate(global_batch_indices(step - 1, len(texts), tr["global_batch_size"], tr["seed"])):
-        tokens = tok(texts[index])["input_ids"]
+    for row, index in enumerate(global_batch_indices(step - 1, len(records), tr["global_batch_size"], tr["seed"])):
+        record = records[index]
+        text = record["text"] if "text" in record else record["prompt"] + record["completion"]
+        unlabelled = 0 if "text" in record else len(tok(record["prompt"])["input_ids"])
+        tokens = tok(text)["input_ids"]
         tokens = (tokens if tokens[-1] == tok.eos_token_id else tokens + [tok.eos_token_id])[:seq_len]
         ids[row, :len(tokens)] = torch.tensor(tokens)
         mask[row, :len(tokens)] = 1
-    return ids, mask, ids.masked_fill(mask == 0, -100)
+        labels[row, unlabelled:len(tokens)] = torch.tensor(tokens[unlabelled:], dtype=torch.long)
+    return ids, mask, labels
 
 
 @torch.no_grad()

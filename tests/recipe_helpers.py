@@ -24,9 +24,10 @@ def cli(*args: str, timeout: int = 300, env_extra: dict | None = None) -> subpro
 
 
 def small(out, **over) -> list[str]:
-    """--set arguments for a short run on the built-in model and data."""
+    """--set arguments for a short run on the built-in model and data (the demo's evaluation off)."""
     values = {"train.output_dir": str(out), "train.steps": 4, "train.global_batch_size": 8,
-              "train.checkpoint_every": 2, "data.seq_len": 32, "train.lr": 1e-2,
+              "train.checkpoint_every": 2, "data.seq_len": 32, "train.lr": 1e-2, "train.micro_batch_size": 4,
+              "train.lr_schedule": "constant", "train.eval_every": 0, "train.eval_generate": 0, "data.eval_fraction": 0,
               "parallel.strategy": "none", "launch.nproc_per_node": 1, **over}
     return [f"{k}={v}" for k, v in values.items()]
 

@@ -5,9 +5,12 @@ The model (2 layers, width 128, about 0.5 M parameters) is deterministic from th
 weights are drawn with initializer_range 0.1 rather than Llama's 0.02: at 0.02 a small random
 model's logits stay near +-1 whatever the adapter does, so the loss could barely fall.
 
-The data set (``data/builtin.jsonl``) is a reversal task written with the special tokens:
-``<|bos|>abcde<|sep|>edcba<|eos|>``. Its format is learnable in a few steps and the reversal
-itself takes longer, so the loss curve shows both.
+The data set (``data/builtin.jsonl``) is a reversal task in prompt/completion form, written with
+the special tokens: ``<|bos|>abcde<|sep|>`` -> ``edcba<|eos|>`` (words of 3 to 8 letters a-j).
+Only the completion carries loss; the format is learned in a few dozen steps, the reversal in a
+few hundred, which the demo's exact-match evaluation shows. The tokenizer's chat template
+renders ``messages`` in the same shape (user turn: ``<|bos|>...<|sep|>``, assistant turn:
+``...<|eos|>``), so the same task written as conversations trains the same tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import torch
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|sep|>"]
 DATA_FILE = os.path.join(os.path.dirname(__file__), "data", "builtin.jsonl")
 ALPHABET = "abcdefghij"
+WORD_LENGTHS = (3, 8)
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}<|eos|>"
+                 "{% else %}<|bos|>{{ m['content'] }}<|sep|>{% endif %}{% endfor %}")
 
 
 def _byte_alphabet() -> list[str]:
@@ -46,6 +52,7 @@ def builtin_tokenizer():
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
                                    eos_token="<|eos|>", additional_special_tokens=["<|sep|>"])
+    fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
@@ -81,8 +88,8 @@ def make_builtin_dataset(path: str = DATA_FILE, n: int = 4096, seed: int = 1234)
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as fh:
         for _ in range(n):
-            word = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(3, 10)))
-            fh.write(json.dumps({"text": f"<|bos|>{word}<|sep|>{word[::-1]}<|eos|>"}) + "\n")
+            word = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(*WORD_LENGTHS)))
+            fh.write(json.dumps({"prompt": f"<|bos|>{word}<|sep|>", "completion": f"{word[::-1]}<|eos|>"}) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,14 +26,15 @@ class RecipeError(Exception):
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"path": None, "builtin": "llama", "dtype": "float32", "quantization": None,
-              "output_router_logits": None},
+              "output_router_logits": None, "tokenizer_path": None},
     "adapter": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
-    "data": {"path": None, "seq_len": 64},
+    "data": {"path": None, "seq_len": 64, "format": "auto", "train_on": None, "packing": False, "eval_path": None,
+             "eval_fraction": 0.0},
     "train": {
         "steps": 30, "global_batch_size": 8, "micro_batch_size": 4, "lr": 1.0e-3, "seed": 0,
         "checkpoint_every": 10, "resume_from": None, "output_dir": "runs/demo", "overwrite": False,
         "weight_decay": 0.0, "warmup_steps": 0, "lr_schedule": "constant", "max_grad_norm": 1.0,
-        "optimizer": "adamw",
+        "optimizer": "adamw", "eval_every": 0, "eval_generate": 0,
     },
     "parallel": {"strategy": "none", "tp_size": 1, "ep_size": 1, "use_orig_params": False, "deepspeed_config": None,
                  "activation_checkpointing": False, "mixed_precision": None},
@@ -122,7 +123,7 @@ NUMBERS = {
     "train.lr": float, "train.weight_decay": float, "train.max_grad_norm": float, "train.steps": int,
     "train.global_batch_size": int, "train.micro_batch_size": int, "train.checkpoint_every": int,
     "train.warmup_steps": int, "train.seed": int, "data.seq_len": int, "parallel.tp_size": int,
-    "parallel.ep_size": int,
+    "parallel.ep_size": int, "data.eval_fraction": float, "train.eval_every": int, "train.eval_generate": int,
     "launch.nproc_per_node": int, "launch.nnodes": int, "launch.node_rank": int, "launch.master_port": int,
     "launch.max_restarts": int, "launch.timeout_minutes": float,
 }
@@ -212,6 +213,7 @@ def validate(cfg: dict, where) -> None:
                 "parallel.ep_size"):
         _positive_int(cfg, key, where)
     _positive_int(cfg, "train.warmup_steps", where, minimum=0)
+    _validate_data(cfg, where)
     for key in ("train.overwrite", "parallel.use_orig_params", "parallel.activation_checkpointing"):
         section, name = key.split(".")
         if not isinstance(cfg[section][name], bool):
@@ -227,6 +229,31 @@ def validate(cfg: dict, where) -> None:
     if not isinstance(train["output_dir"], str) or not train["output_dir"]:
         raise RecipeError(f"{where('train.output_dir')}: train.output_dir must be a path")
     adapter_config(cfg)
+
+
+def _validate_data(cfg: dict, where: Origins) -> None:
+    """The data section and the evaluation keys of train."""
+    from .formats import FORMATS, TRAIN_ON
+
+    data = cfg["data"]
+    if data["format"] not in FORMATS:
+        raise RecipeError(f"{where('data.format')}: data.format must be one of {', '.join(FORMATS)}, got {data['format']!r}")
+    if data["train_on"] not in TRAIN_ON:
+        raise RecipeError(f"{where('data.train_on')}: data.train_on must be completion, all or null (completion for "
+                          f"prompt/completion and messages data, all for text), got {data['train_on']!r}")
+    if not isinstance(data["packing"], bool):
+        raise RecipeError(f"{where('data.packing')}: data.packing must be true or false, got {data['packing']!r}")
+    fraction = data["eval_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise RecipeError(f"{where('data.eval_fraction')}: data.eval_fraction must be a number in [0, 1), got {fraction!r}")
+    if fraction and data["eval_path"]:
+        raise RecipeError(f"{where('data.')}: set data.eval_path or data.eval_fraction, not both")
+    for key in ("train.eval_every", "train.eval_generate"):
+        _positive_int(cfg, key, where, minimum=0)
+    asks = [k for k in ("eval_every", "eval_generate") if cfg["train"][k]]
+    if asks and not (fraction or data["eval_path"]):
+        raise RecipeError(f"{where('train.' + asks[0])}: train.{asks[0]} needs evaluation data: set data.eval_path or "
+                          "data.eval_fraction")
 
 
 def _validate_launch(launch: dict, where: Origins) -> None:

@@ -19,7 +19,7 @@ from .checkpoint import is_restart
 from .config import RecipeError
 
 # What a run writes into its output directory (README, "The run directory").
-RUN_ENTRIES = ("adapter", "checkpoints", "metrics.jsonl", "loss.png", "recipe.json", "base_model", "loftq_init",
+RUN_ENTRIES = ("adapter", "checkpoints", "metrics.jsonl", "samples.jsonl", "loss.png", "recipe.json", "base_model", "loftq_init",
                "pissa_init", "olora_init")
 
 

@@ -10,7 +10,8 @@ second with one line instead of in every rank with its traceback; each rank runs
     adapter                  injected into the model built on the meta device (no weights, no
                              memory): target_modules typos, token indices out of range, layers
     output_dir, resume_from  recipe/output.py; the checkpoint's strategy
-    data                     read, tokenized once: cut and loss-free samples counted
+    data                     read, rendered, masked and tokenized once (recipe/dataset.py): cut
+                             and loss-free samples counted, evaluation split
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from ..parallel.strategies import STRATEGIES
 from . import builtin, loftq, quantization
 from .checkpoint import check_resumable, resume_source
 from .config import RecipeError, adapter_config, check_world
-from .data import TextData, read_jsonl
+from .dataset import RunData, load_run_data
 from .output import check_output_dir
 
 
-def preflight(cfg: dict, world_size: int) -> TextData:
+def preflight(cfg: dict, world_size: int) -> RunData:
     """Raise RecipeError on the first problem; return the data, tokenized."""
     strategy = STRATEGIES[cfg["parallel"]["strategy"]]
     if not strategy.multi_process and world_size > 1:
@@ -52,24 +53,24 @@ def preflight(cfg: dict, world_size: int) -> TextData:
         check_resumable(source, strategy)
     tokenizer = load_tokenizer(cfg)
     check_adapter_fits(cfg, tokenizer)
-    data_file = cfg["data"]["path"] or builtin.DATA_FILE
-    data = TextData(read_jsonl(data_file), tokenizer, cfg["data"]["seq_len"])
-    if len(data.no_target) == len(data):
-        raise RecipeError(f"{data_file}: every sample has fewer than 2 tokens: there is nothing to learn")
-    return data
+    return load_run_data(cfg, tokenizer)
 
 
 def load_tokenizer(cfg: dict):
-    """The built-in tokenizer, or model.path's (an error naming model.path if it has none)."""
-    path = cfg["model"]["path"]
+    """model.tokenizer_path's tokenizer, else model.path's, else the built-in one (an error naming
+    the key when the directory has none)."""
+    key = "model.tokenizer_path" if cfg["model"]["tokenizer_path"] else "model.path"
+    path = cfg["model"]["tokenizer_path"] or cfg["model"]["path"]
     if path is None:
         return builtin.builtin_tokenizer()
     from transformers import AutoTokenizer
 
+    if not os.path.isdir(path):
+        raise RecipeError(f"{key} {path!r} is not a directory")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as exc:
-        raise RecipeError(f"model.path {path!r}: no usable tokenizer ({' '.join(str(exc).split())[:200]})") from None
+        raise RecipeError(f"{key} {path!r}: no usable tokenizer ({' '.join(str(exc).split())[:200]})") from None
 
 
 def check_adapter_fits(cfg: dict, tokenizer) -> None:

@@ -30,9 +30,11 @@ from ..process_group import barrier
 from . import builtin, loftq, quantization
 from .checkpoint import load_checkpoint, resume_source, save_checkpoint
 from .config import RecipeError, adapter_config, check_world
-from .data import TextData, global_batch_indices, micro_batches
+from .data import global_batch_indices, micro_batches
+from .dataset import RunData
+from .evaluate import describe, evaluate, samples_file
 from .output import clear_earlier_run, discard_unstarted
-from .preflight import preflight
+from .preflight import load_tokenizer, preflight
 
 
 def engine_config(cfg: dict, accumulation: int) -> EngineConfig:
@@ -55,7 +57,7 @@ def _load_model(cfg: dict, accumulation: int, world_size: int, device: torch.dev
     if path is None:
         tokenizer = builtin.builtin_tokenizer()
         return builtin.builtin_model(cfg["train"]["seed"], tokenizer, dtype, cfg["model"]["builtin"]), tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     partitioned = None
     loading_context = STRATEGIES[cfg["parallel"]["strategy"]].loading_context
@@ -63,7 +65,7 @@ def _load_model(cfg: dict, accumulation: int, world_size: int, device: torch.dev
         # e.g. ZeRO-3: load straight into partitions (zero.Init), no rank holds the whole model
         partitioned = loading_context(engine_config(cfg, accumulation), world_size)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(cfg)
         if cfg["model"]["quantization"] is not None and not full:
             return quantization.load_quantized(path, quantization.settings(cfg), dtype, device), tokenizer
         loading_kwargs = STRATEGIES[cfg["parallel"]["strategy"]].loading_kwargs
@@ -231,7 +233,7 @@ def router_aux(model, override: Optional[bool]) -> Optional[RouterAux]:
     return RouterAux(bool(getattr(config, "output_router_logits", False)), float(config.router_aux_loss_coef))
 
 
-def _train_step(engine, data: TextData, step: int, tr: dict, dist: DistInfo,
+def _train_step(engine, data, step: int, tr: dict, dist: DistInfo,
                 aux: Optional[RouterAux] = None) -> tuple[float, float, float, Optional[float]]:
     """One optimizer step over the global batch of ``step``: (loss, grad norm, target tokens,
     router aux loss: the mean over the global batch's micro batches, or None)."""
@@ -247,7 +249,7 @@ def _train_step(engine, data: TextData, step: int, tr: dict, dist: DistInfo,
     for i, batch in enumerate(batches):
         with engine.accumulating(last_micro_step=i == len(batches) - 1):
             extra = {"output_router_logits": True} if aux else {}
-            out = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra)
+            out = engine.model(**batch.model_inputs(), **extra)
             loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
                                    ignore_index=-100, reduction="sum")
             objective = loss * gradient_scale(engine, total)
@@ -262,7 +264,22 @@ def _train_step(engine, data: TextData, step: int, tr: dict, dist: DistInfo,
     return step_loss, engine.finish_step(), total, aux_loss
 
 
-def _train(cfg: dict, dist: DistInfo, data: TextData, tqdm) -> dict:
+def _evaluate(engine, run_data: RunData, tokenizer, cfg: dict, dist: DistInfo, step: int, when: str) -> dict:
+    """The evaluation at ``step`` (recipe/evaluate.py); rank 0 prints its line."""
+    out = cfg["train"]["output_dir"]
+    result = evaluate(engine, run_data.eval, tokenizer, cfg["train"], dist, step,
+                      samples_file(out) if dist.is_main else None)
+    if dist.is_main:
+        print(describe(result, when), flush=True)
+    return result
+
+
+def _wants_eval(step: int, tr: dict) -> bool:
+    """After optimizer step ``step`` (1-based): every train.eval_every steps, and after the last."""
+    return step == tr["steps"] or bool(tr["eval_every"] and step % tr["eval_every"] == 0)
+
+
+def _train(cfg: dict, dist: DistInfo, run_data: RunData, tqdm) -> dict:
     tr = cfg["train"]
     out = tr["output_dir"]
     accumulation = check_world(cfg, dist.world_size)
@@ -270,8 +287,9 @@ def _train(cfg: dict, dist: DistInfo, data: TextData, tqdm) -> dict:
     aux = router_aux(model, cfg["model"]["output_router_logits"])
     engine = STRATEGIES[cfg["parallel"]["strategy"]].setup(model, make_optimizer_factory(tr), dist,
                                                             engine_config(cfg, accumulation))
+    data = run_data.train
     if dist.is_main:
-        print(data.summary(cfg["data"]["path"] or "the built-in data set"), flush=True)
+        print(run_data.summary(), flush=True)
     start = 0
     source = resume_source(cfg)
     if source:
@@ -282,6 +300,9 @@ def _train(cfg: dict, dist: DistInfo, data: TextData, tqdm) -> dict:
     if start and dist.is_main and os.path.isfile(metrics_path):
         _truncate_metrics(metrics_path, start)  # rows an interrupted attempt wrote past the checkpoint
     metrics = open(metrics_path, "a" if start else "w", encoding="utf-8") if dist.is_main else None
+    first_eval = last_eval = None
+    if run_data.eval is not None and start == 0:
+        first_eval = _evaluate(engine, run_data, tokenizer, cfg, dist, 0, "before training")
     t_start = time.perf_counter()
     first_loss = last_loss = None
     bar = tqdm(range(start, tr["steps"]), initial=start, total=tr["steps"], disable=not dist.is_main,
@@ -295,18 +316,21 @@ def _train(cfg: dict, dist: DistInfo, data: TextData, tqdm) -> dict:
             step_loss, grad_norm, total, aux_loss = _train_step(engine, data, step, tr, dist, aux)
             first_loss = step_loss if first_loss is None else first_loss
             last_loss = step_loss
+            seconds = time.perf_counter() - t0
+            if run_data.eval is not None and _wants_eval(step + 1, tr):
+                last_eval = _evaluate(engine, run_data, tokenizer, cfg, dist, step + 1, f"after step {step + 1}")
             if metrics is not None:
-                seconds = time.perf_counter() - t0
-                cut = sum(i in data.cut for i in global_batch_indices(step, len(data), tr["global_batch_size"],
-                                                                       tr["seed"]))
+                cut = data.truncated_in(global_batch_indices(step, len(data), tr["global_batch_size"], tr["seed"]))
                 row = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": round(total / seconds, 1), "seconds": round(time.perf_counter() - t_start, 3),
                        "truncated": cut}
                 if aux_loss is not None:
                     row["aux_loss"] = aux_loss
+                if run_data.eval is not None and _wants_eval(step + 1, tr):
+                    row.update(last_eval)
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-                bar.set_postfix(loss=f"{step_loss:.4f}")
+                bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
             if (step + 1) % tr["checkpoint_every"] == 0:
                 save_checkpoint(os.path.join(out, "checkpoints"), step + 1, engine, dist,
                                 {"seed": tr["seed"], "global_batch_size": tr["global_batch_size"],
@@ -321,4 +345,4 @@ def _train(cfg: dict, dist: DistInfo, data: TextData, tqdm) -> dict:
         plot_loss(metrics_path, os.path.join(out, "loss.png"))
         atomic_write_text(os.path.join(out, "recipe.json"), json.dumps(cfg, indent=2) + "\n")
     return {"first_loss": first_loss, "last_loss": last_loss, "adapter": adapter_dir, "steps": tr["steps"],
-            "model": engine.model}
+            "model": engine.model, "first_eval": first_eval, "last_eval": last_eval}
