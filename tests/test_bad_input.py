@@ -24,7 +24,8 @@ from recipe_helpers import DEMO, ROOT, config
 
 # name: (argv after `dist-adapters`, fragments stderr must hold, path that must not be created)
 # "{root}" is the fixture's directory of inputs; "--set" values are the recipe's.
-TRAIN = ["train", DEMO, "--set", "train.output_dir={root}/out", "train.steps=2"]
+TRAIN = ["train", DEMO, "--set", "train.output_dir={root}/out", "train.steps=2", "data.eval_fraction=0",
+         "train.eval_every=0", "train.eval_generate=0", "train.micro_batch_size=4"]
 CASES = {
     # a target_modules typo, and other adapter settings the model cannot take (meta-device inject)
     "target-typo": (TRAIN + ["adapter.target_modules=[q_prj]"], ["'q_prj'", "target_modules"], "out"),
@@ -45,6 +46,22 @@ CASES = {
     "data-no-samples": (TRAIN + ["data.path={root}/blank.jsonl"], ["blank.jsonl", "no samples"], "out"),
     "data-all-empty": (TRAIN + ["data.path={root}/empty_texts.jsonl"], ["empty_texts.jsonl", "nothing to learn"],
                        "out"),
+    "data-unknown-format": (TRAIN + ["data.path={root}/question.jsonl"], ["question.jsonl:1:", "data.format"], "out"),
+    "data-no-assistant": (TRAIN + ["data.path={root}/no_assistant.jsonl"], ["no_assistant.jsonl:2:", "assistant"],
+                          "out"),
+    "data-bad-message": (TRAIN + ["data.path={root}/bad_message.jsonl"], ["bad_message.jsonl:1:", "messages[1]"],
+                         "out"),
+    "data-bad-parquet": (TRAIN + ["data.path={root}/broken.parquet"], ["broken.parquet", "Parquet"], "out"),
+    "data-format-unknown": (TRAIN + ["data.format=csv"], ["data.format", "'csv'"], "out"),
+    "data-completion-on-text": (TRAIN + ["data.path={root}/empty_texts.jsonl", "data.train_on=completion"],
+                                ["data.train_on", "empty_texts.jsonl"], "out"),
+    "eval-without-data": (TRAIN + ["train.eval_every=5"], ["train.eval_every",
+                                                                                   "data.eval_path"], "out"),
+    "eval-fraction-range": (TRAIN + ["data.eval_fraction=1.5"], ["data.eval_fraction", "1.5"], "out"),
+    "eval-path-missing": (TRAIN + ["data.eval_path={root}/nope.jsonl"],
+                          ["data.eval_path", "nope.jsonl"], "out"),
+    "tokenizer-path-missing": (TRAIN + ["model.tokenizer_path={root}/nowhere"], ["model.tokenizer_path", "nowhere"],
+                               "out"),
     # model directories
     "model-no-tokenizer": (TRAIN + ["model.path={root}/no_tokenizer", "adapter.trainable_token_indices=null"],
                            ["model.path", "no_tokenizer", "tokenizer"], "out"),
@@ -137,6 +154,13 @@ def _inputs(root) -> None:
     (root / "nokey.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
     (root / "badjson.jsonl").write_text('{"text": "ok"}\n{not json\n')
     (root / "blank.jsonl").write_text("\n\n")
+    (root / "question.jsonl").write_text('{"question": "a", "answer": "b"}\n')
+    (root / "no_assistant.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
+                                                                     {"role": "assistant", "content": "b"}]}) + "\n"
+                                             + json.dumps({"messages": [{"role": "user", "content": "a"}]}) + "\n")
+    (root / "bad_message.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
+                                                                    {"role": "assistant"}]}) + "\n")
+    (root / "broken.parquet").write_bytes(b"PAR1 not really parquet")
     (root / "empty_texts.jsonl").write_text('{"text": ""}\n' * 32)
     (root / "empty_dir").mkdir()
     tiny_llama().save_pretrained(str(root / "no_tokenizer"))
