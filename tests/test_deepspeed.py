@@ -110,6 +110,8 @@ def test_hf_trainer_with_accelerate_deepspeed_config(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "world size 2, accelerate distributed type DEEPSPEED, parameters sharded: True" in res.stdout
     assert_peft_reproduces(tmp_path)
+    for step in (5, 10):  # AdapterCheckpointCallback: a PEFT adapter in every Trainer checkpoint
+        assert (tmp_path / f"checkpoint-{step}" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_user_deepspeed_config_passes_through(tmp_path):

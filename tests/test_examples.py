@@ -70,3 +70,14 @@ def test_deepspeed_checkpoint_consolidated_after_the_run(tmp_path):
     diff = float(res.stdout.split("max |logits diff| ")[1].split()[0])
     assert diff <= LOGITS_TOL, res.stdout  # measured 0.0
     _check_peft_loads(tmp_path)
+
+
+def test_trl_sft_example_checkpoints_hold_a_peft_adapter(tmp_path):
+    """examples/trl_sft.py as the README runs it (one process here, few steps): every
+    checkpoint-N/adapter loads in peft; the run's last checkpoint is the trained adapter."""
+    res = _run(["examples/trl_sft.py", "--out", str(tmp_path), "--steps", "4", "--save-steps", "2"])
+    assert "checkpoints with a PEFT adapter/: ['checkpoint-2', 'checkpoint-4']" in res.stdout, res.stdout[-2000:]
+    for step in (2, 4):
+        assert (tmp_path / f"checkpoint-{step}" / "adapter" / "adapter_config.json").is_file()
+    (tmp_path / "adapter").symlink_to(tmp_path / "checkpoint-4" / "adapter")
+    _check_peft_loads(tmp_path)

@@ -139,6 +139,8 @@ def test_hf_trainer_with_accelerate_fsdp_config(tmp_path):
     assert f"world size 2, accelerate distributed type {'FSDP' if cuda else 'MULTI_CPU'}, " \
            f"parameters sharded: {cuda}" in res.stdout, res.stdout[-2000:]
     assert_peft_reproduces(tmp_path)
+    for step in (5, 10):  # AdapterCheckpointCallback: a PEFT adapter in every Trainer checkpoint
+        assert (tmp_path / f"checkpoint-{step}" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("strategy", ["fsdp1", "fsdp2"])

@@ -72,6 +72,18 @@ def load_run_data(cfg: dict, tokenizer) -> RunData:
     return RunData(PackedData(train) if section["packing"] else train, evaluation, fmt, train_on, where, note)
 
 
+def load_data(tokenizer, **data_keys) -> RunData:
+    """``load_run_data`` for use outside the recipe: ``data_keys`` are the recipe's ``data``
+    section keys (path, seq_len, format, train_on, packing, eval_path, eval_fraction), with the
+    recipe's defaults for the rest. E.g. ``load_data(tok, path="chat.jsonl", seq_len=512).train``."""
+    from .config import DEFAULTS
+
+    unknown = sorted(set(data_keys) - set(DEFAULTS["data"]))
+    if unknown:
+        raise TypeError(f"load_data: unknown data keys {unknown} (keys: {', '.join(DEFAULTS['data'])})")
+    return load_run_data({"data": {**DEFAULTS["data"], **data_keys}}, tokenizer)
+
+
 def _samples(records: list[Record], fmt: str, tokenizer, train_on: str):
     return [tokenize(render(record, fmt, tokenizer), tokenizer, train_on) for record in records]
 

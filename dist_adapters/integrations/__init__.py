@@ -1,0 +1,1 @@
+"""Glue for training loops we do not own: ``integrations.transformers`` (Trainer, TRL)."""
