@@ -73,11 +73,14 @@ def test_deepspeed_checkpoint_consolidated_after_the_run(tmp_path):
 
 
 def test_trl_sft_example_checkpoints_hold_a_peft_adapter(tmp_path):
-    """examples/trl_sft.py as the README runs it (one process here, few steps): every
-    checkpoint-N/adapter loads in peft; the run's last checkpoint is the trained adapter."""
-    res = _run(["examples/trl_sft.py", "--out", str(tmp_path), "--steps", "4", "--save-steps", "2"])
+    """examples/trl_sft.py as the README runs it, under torchrun on 2 ranks and in one process
+    (few steps): every checkpoint-N/adapter is there, and the last one loads in peft."""
+    res = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "examples/trl_sft.py",
+                "--out", str(tmp_path / "ddp"), "--steps", "4", "--save-steps", "2"])
     assert "checkpoints with a PEFT adapter/: ['checkpoint-2', 'checkpoint-4']" in res.stdout, res.stdout[-2000:]
-    for step in (2, 4):
-        assert (tmp_path / f"checkpoint-{step}" / "adapter" / "adapter_config.json").is_file()
-    (tmp_path / "adapter").symlink_to(tmp_path / "checkpoint-4" / "adapter")
-    _check_peft_loads(tmp_path)
+    res = _run(["examples/trl_sft.py", "--out", str(tmp_path / "one"), "--steps", "2", "--save-steps", "2"])
+    assert "checkpoints with a PEFT adapter/: ['checkpoint-2']" in res.stdout, res.stdout[-2000:]
+    for run, step in (("ddp", 2), ("ddp", 4), ("one", 2)):
+        assert (tmp_path / run / f"checkpoint-{step}" / "adapter" / "adapter_config.json").is_file()
+    (tmp_path / "ddp" / "adapter").symlink_to(tmp_path / "ddp" / "checkpoint-4" / "adapter")
+    _check_peft_loads(tmp_path / "ddp")

@@ -43,10 +43,13 @@ DRY_RUN = [
 ]
 # Commands whose paths are placeholders, or that other tests run as they are: command -> test.
 TESTED_BY = {
-    "make demo": "tests/test_recipe.py::test_demo_config_two_ranks_loss_falls_and_peft_reproduces",
+    "make demo": "tests/test_recipe.py::test_demo_config_two_ranks_learns_the_task_and_peft_reproduces",
     "make test": "tests/test_readme.py::test_make_test_is_what_ci_runs",
+    "python examples/trl_sft.py --out runs/trl_sft": "tests/test_examples.py::test_trl_sft_example_checkpoints_hold_a_peft_adapter",
+    "torchrun --standalone --nproc_per_node 2 examples/trl_sft.py --out runs/trl_sft":
+        "tests/test_examples.py::test_trl_sft_example_checkpoints_hold_a_peft_adapter",
     'make test PYTEST_ARGS="-k interop -x"': "tests/test_readme.py::test_make_test_is_what_ci_runs",
-    "dist-adapters train configs/demo.yaml": "tests/test_recipe.py::test_demo_config_two_ranks_loss_falls_and_peft_reproduces",
+    "dist-adapters train configs/demo.yaml": "tests/test_recipe.py::test_demo_config_two_ranks_learns_the_task_and_peft_reproduces",
     "dist-adapters train configs/moe.yaml": "tests/test_moe.py::test_moe_recipe_under_each_engine_equals_single_process",
     "dist-adapters train configs/moe.yaml --set parallel.strategy=fsdp2_ep parallel.ep_size=2 launch.nproc_per_node=4":
         "tests/test_moe.py::test_moe_recipe_under_each_engine_equals_single_process",

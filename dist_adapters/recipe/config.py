@@ -46,6 +46,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
+FORMATS = ("auto", "text", "prompt_completion", "messages")  # data.format (recipe/formats.py)
+TRAIN_ON = (None, "completion", "all")                        # data.train_on; None: by format
 
 
 def _merge(base: dict, override: dict, source: str) -> None:
@@ -233,8 +235,6 @@ def validate(cfg: dict, where) -> None:
 
 def _validate_data(cfg: dict, where: Origins) -> None:
     """The data section and the evaluation keys of train."""
-    from .formats import FORMATS, TRAIN_ON
-
     data = cfg["data"]
     if data["format"] not in FORMATS:
         raise RecipeError(f"{where('data.format')}: data.format must be one of {', '.join(FORMATS)}, got {data['format']!r}")

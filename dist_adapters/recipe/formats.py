@@ -21,9 +21,6 @@ from typing import Optional
 from .config import RecipeError
 from .sources import Record
 
-FORMATS = ("auto", "text", "prompt_completion", "messages")
-TRAIN_ON = (None, "completion", "all")
-
 
 @dataclass(frozen=True)
 class Rendered:
