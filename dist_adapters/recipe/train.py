@@ -299,6 +299,8 @@ def _train(cfg: dict, dist: DistInfo, run_data: RunData, tqdm) -> dict:
     metrics_path = os.path.join(out, "metrics.jsonl")
     if start and dist.is_main and os.path.isfile(metrics_path):
         _truncate_metrics(metrics_path, start)  # rows an interrupted attempt wrote past the checkpoint
+        if os.path.isfile(samples_file(out)):
+            _truncate_metrics(samples_file(out), start)
     metrics = open(metrics_path, "a" if start else "w", encoding="utf-8") if dist.is_main else None
     first_eval = last_eval = None
     if run_data.eval is not None and start == 0:
