@@ -120,6 +120,18 @@ def test_layers_import_no_engine_checkpoint_recipe_inject_or_control():
     assert bad == set()
 
 
+def test_integrations_import_no_recipe_or_engine_and_nothing_imports_them():
+    """A Trainer owns the loop and the sharding: integrations/ uses the collective save and
+    unwrap, never the recipe or an engine file; the library itself never imports transformers'
+    Trainer glue (docs/architecture.md)."""
+    graph = import_graph()
+    mine = {m for m in graph if m.startswith("dist_adapters.integrations")}
+    assert "dist_adapters.integrations.transformers" in mine
+    bad = {(m, t) for m in mine for t in graph[m] if t.startswith("dist_adapters.recipe") or t in ENGINE_MODULES}
+    users = {m for m, targets in graph.items() if m not in mine and targets & mine}
+    assert bad == set() and users == set()
+
+
 def test_layers_know_no_engine_by_name():
     words = re.compile(r"ds_shape|DTensor|FSDP|fsdp|deepspeed|DeepSpeed|ZeRO|zero3")
     hits = []
