@@ -129,31 +129,31 @@ def test_pissa_with_qlora_quantizes_the_residual(tmp_path):
     """PiSSA with model.quantization, as peft documents it: the factorisation runs on the
     full-precision weight and the residual is quantized (OUTPUT/base_model holds the residual in
     full precision; the run loads it through bitsandbytes). At step 0 the 4-bit residual plus the
-    principal part is closer to the full-precision model than the 4-bit model itself."""
-    import json
-
+    principal part is closer to the full-precision model than the 4-bit model itself (logits)."""
     from transformers import AutoModelForCausalLM
 
     from dist_adapters.recipe import builtin
     from recipe_helpers import DEMO, cli, small
     from test_quantized import Q4, _quantized
 
-    runs = {}
-    for name, init, quantization in (("pissa", "pissa", "{bits: 4}"), ("plain", "true", "{bits: 4}"),
-                                     ("full", "true", "null")):
+    for name, init in (("pissa", "pissa"), ("plain", "true")):
         out = tmp_path / name
-        res = cli("train", DEMO, "--set", *small(out, **{"model.quantization": quantization, "train.steps": 2,
+        res = cli("train", DEMO, "--set", *small(out, **{"model.quantization": "{bits: 4}", "train.steps": 2,
                                                         "adapter.init_lora_weights": init,
                                                         "adapter.trainable_token_indices": "null"}))
         assert res.returncode == 0, res.stderr[-3000:]
-        runs[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert (tmp_path / "pissa" / "pissa_init" / "adapter_model.safetensors").is_file()
     residual = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pissa" / "base_model"))
     original = builtin.builtin_model(0, builtin.builtin_tokenizer())
     assert max_diff(residual.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight) > 1e-3
-    # B = 0 at step 0: the plain runs' first losses are the 4-bit and the full-precision model's
-    quantized, full, pissa = runs["plain"][0], runs["full"][0], runs["pissa"][0]
-    print(f"step-1 loss: full precision {full:.4f}, 4-bit {quantized:.4f}, 4-bit residual + PiSSA {pissa:.4f}")
-    assert abs(pissa - full) < abs(quantized - full)
+    ids = input_ids()
+    start = da.load_adapter(_quantized(str(tmp_path / "pissa" / "base_model"), Q4), str(tmp_path / "pissa" / "pissa_init"))
+    with torch.no_grad():
+        full = original.eval()(input_ids=ids).logits
+        quantized = _quantized(str(tmp_path / "plain" / "base_model"), Q4).eval()(input_ids=ids).logits
+        pissa = start.eval()(input_ids=ids).logits
+    err_q, err_pissa = (quantized - full).abs().mean().item(), (pissa - full).abs().mean().item()
+    print(f"step 0, mean |logits - full precision|: 4-bit {err_q:.4f}, 4-bit residual + PiSSA {err_pissa:.4f}")
+    assert err_pissa < 0.9 * err_q  # measured 0.246 vs 0.309
     ours = da.load_adapter(_quantized(str(tmp_path / "pissa" / "base_model"), Q4), str(tmp_path / "pissa" / "adapter"))
     assert ours is not None
