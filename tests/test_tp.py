@@ -20,9 +20,12 @@ from recipe_helpers import (ROOT, SGD, SGD_TOL, adapter_tensors, assert_auto_pef
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 # Adam divides by sqrt(v): rounding differences of ~1e-7 in the gradients of a tensor-parallel
-# all-reduce become ~1e-5 in parameters after 4 steps (measured 3.7e-6 to 1.4e-5, the 2 x 2 mesh
-# the largest; the SGD runs stay at 6e-8, recipe_helpers.SGD_TOL).
-RECIPE_TOL = 1.5e-4
+# all-reduce become up to ~1e-4 in parameters after 4 steps at lr 1e-2, where a gradient element
+# is near zero and its update near lr in size. Measured on the prompt/completion data (issue 20,
+# loss on completions only): 1.6e-6 (dp=2) to 8.5e-5 (tp, fsdp2_tp, the 2 x 2 mesh); on the
+# earlier all-token text data 3.7e-6 to 1.4e-5. The step-1 loss and gradient norm are equal (0.0)
+# and the SGD runs stay at 7.5e-8 (recipe_helpers.SGD_TOL 5e-7): those are the sharp checks.
+RECIPE_TOL = 5e-4
 RESUME_TOL = 3e-6  # measured 0.0 at the same world size, 2.8e-7 from tp 2 to tp 1
 
 
@@ -145,7 +148,7 @@ def test_tp_adapter_loads_in_peft_with_single_process_logits(single_run, tp_run)
                                str(single_run / "adapter")).eval()(input_ids=ids).logits
     diff = (theirs - ours).abs().max().item()
     print(f"peft on the tp adapter vs the single-process model: max |logit diff| {diff:.2e}")
-    assert diff <= 6e-5  # two adapters RECIPE_TOL apart; measured 6.2e-6
+    assert diff <= 1e-3  # two adapters RECIPE_TOL apart; measured 1.0e-4 (6.2e-6 on the earlier text data)
 
 
 def test_trainable_tokens_under_tp_match_single_process(single_run, tp_run):
@@ -156,7 +159,7 @@ def test_trainable_tokens_under_tp_match_single_process(single_run, tp_run):
     assert (one - base[[256, 257, 259]]).abs().max() > 1e-3  # the rows were trained
     diff = (one - two).abs().max().item()
     print(f"trainable token rows, tp@2 vs none@1: {diff:.2e}")
-    assert diff <= 1e-6  # measured 7.5e-8
+    assert diff <= 1e-5  # AdamW, as RECIPE_TOL; measured 1.1e-6 (7.5e-8 on the earlier text data)
 
 
 @pytest.mark.parametrize("case", ["tp2-to-tp2", "tp2-to-tp1", "2x2-to-dp1xtp2"])

@@ -23,6 +23,10 @@ would otherwise give a model with a randomly initialised base and no error. The 
 is ``PeftModel.from_pretrained(base, "checkpoint-N/adapter")`` (or ``da.load_adapter``).
 
     trainer = SFTTrainer(model=da.inject(model, config), ..., callbacks=[AdapterCheckpointCallback()])
+
+The class is built on first use (module ``__getattr__``): its base, transformers' ``TrainerCallback``,
+lives in a module that imports peft whenever peft is installed, and this library never imports
+peft (``tests/test_layers.py`` imports every module of the package and checks).
 """
 
 from __future__ import annotations
@@ -31,14 +35,13 @@ import glob
 import os
 
 import torch
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoint.atomic import atomic_path
 from ..checkpoint.peft_format import save_adapter
 from ..control import unwrap
 
 MODEL_DIR_FILES = ("config.json", "generation_config.json")  # what makes a directory look like a model
+PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 
 
 def frozen_state_keys(model) -> set[str]:
@@ -63,36 +66,49 @@ def drop_frozen_fragments(checkpoint: str, rank: int) -> list[str]:
     return rewritten
 
 
-class AdapterCheckpointCallback(TrainerCallback):
-    """Adapter-only Trainer checkpoints with a PEFT ``adapter/`` directory (module docstring).
+def _callback_class() -> type:
+    from transformers import TrainerCallback
 
-    ``adapter_dir``: the sub-directory of each checkpoint the PEFT adapter goes to.
-    """
+    class AdapterCheckpointCallback(TrainerCallback):
+        """Adapter-only Trainer checkpoints with a PEFT ``adapter/`` directory (module docstring).
 
-    def __init__(self, adapter_dir: str = "adapter") -> None:
-        self.adapter_dir = adapter_dir
+        ``adapter_dir``: the sub-directory of each checkpoint the PEFT adapter goes to.
+        """
 
-    def _exclude_frozen(self, model) -> None:
-        if model is None:
-            return
-        inner = unwrap(model)
-        if not any(p.requires_grad for p in inner.parameters()):
-            raise ValueError("AdapterCheckpointCallback: the model has no trainable parameter; inject an adapter "
-                             "first (dist_adapters.inject)")
-        inner._keys_to_ignore_on_save = frozen_state_keys(inner)
+        def __init__(self, adapter_dir: str = "adapter") -> None:
+            self.adapter_dir = adapter_dir
 
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        self._exclude_frozen(model)
+        def _exclude_frozen(self, model) -> None:
+            if model is None:
+                return
+            inner = unwrap(model)
+            if not any(p.requires_grad for p in inner.parameters()):
+                raise ValueError("AdapterCheckpointCallback: the model has no trainable parameter; inject an "
+                                 "adapter first (dist_adapters.inject)")
+            inner._keys_to_ignore_on_save = frozen_state_keys(inner)
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._exclude_frozen(model)  # the Trainer may have wrapped or replaced the model since
+        def on_init_end(self, args, state, control, model=None, **kwargs):
+            self._exclude_frozen(model)
 
-    def on_save(self, args, state, control, model=None, **kwargs):
-        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        drop_frozen_fragments(checkpoint, torch.distributed.get_rank() if torch.distributed.is_initialized() else 0)
-        save_adapter(model, os.path.join(checkpoint, self.adapter_dir))  # every rank: a collective save
-        if state.is_world_process_zero:
-            for name in MODEL_DIR_FILES:
-                path = os.path.join(checkpoint, name)
-                if os.path.isfile(path):
-                    os.remove(path)
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self._exclude_frozen(model)  # the Trainer may have wrapped or replaced the model since
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            drop_frozen_fragments(checkpoint, torch.distributed.get_rank() if torch.distributed.is_initialized() else 0)
+            save_adapter(model, os.path.join(checkpoint, self.adapter_dir))  # every rank: a collective save
+            if state.is_world_process_zero:
+                for name in MODEL_DIR_FILES:
+                    path = os.path.join(checkpoint, name)
+                    if os.path.isfile(path):
+                        os.remove(path)
+
+    AdapterCheckpointCallback.__module__, AdapterCheckpointCallback.__qualname__ = __name__, "AdapterCheckpointCallback"
+    return AdapterCheckpointCallback
+
+
+def __getattr__(name: str):
+    if name == "AdapterCheckpointCallback":
+        cls = globals()[name] = _callback_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
