@@ -253,3 +253,6 @@ def test_bad_data_values_are_named(tmp_path):
     bad.write_text(json.dumps({"text": "abc"}) + "\n")
     with pytest.raises(RecipeError, match="data.train_on: completion needs prompt/completion"):
         load_run_data(_cfg(str(bad), train_on="completion"), tok)
+    bad.write_text(json.dumps({"text": "abc"}) + "\n" + json.dumps({"text": "def"}) + "\n")
+    with pytest.raises(RecipeError, match="train.eval_generate needs prompts"):
+        load_run_data({**_cfg(str(bad), eval_fraction=0.5), "train": {"eval_generate": 4}}, tok)

@@ -59,6 +59,9 @@ def load_run_data(cfg: dict, tokenizer) -> RunData:
     if train_on == "completion" and not getattr(tokenizer, "is_fast", False):
         raise RecipeError("data.train_on: completion needs a fast tokenizer (character offsets); the tokenizer of "
                           "model.path is a slow one: set model.tokenizer_path or data.train_on: all")
+    if cfg.get("train", {}).get("eval_generate") and fmt == "text":
+        raise RecipeError(f"train.eval_generate needs prompts: {path} is text data (use prompt/completion or "
+                          "messages records, or train.eval_generate: 0)")
     seq_len, pad = section["seq_len"], pad_id(tokenizer)
     train = TokenizedData(_samples(records, fmt, tokenizer, train_on), seq_len, pad)
     if len(train.no_target) == len(train):

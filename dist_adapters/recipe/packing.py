@@ -48,7 +48,6 @@ class PackedData:
         self.seq_len = data.seq_len
         self.row_samples = pack_rows([len(row) for row in data.rows], data.seq_len)
         self.cut = data.cut
-        self.no_target = frozenset() if len(data.no_target) < len(data) else frozenset(range(len(self.row_samples)))
 
     def __len__(self) -> int:
         return len(self.row_samples)
