@@ -77,7 +77,8 @@ def _load_model(cfg: dict, accumulation: int, world_size: int, device: torch.dev
     return model, tokenizer
 
 
-def _truncate_metrics(path: str, step: int) -> None:
+def _truncate_rows(path: str, step: int) -> None:
+    """Keep the JSONL rows of ``path`` up to ``step`` (metrics.jsonl, samples.jsonl)."""
     with open(path, encoding="utf-8") as fh:
         rows = [line for line in fh.read().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     atomic_write_text(path, "".join(row + "\n" for row in rows))
@@ -297,10 +298,10 @@ def _train(cfg: dict, dist: DistInfo, run_data: RunData, tqdm) -> dict:
         if dist.is_main:
             print(f"resuming from {source} (step {start})", flush=True)
     metrics_path = os.path.join(out, "metrics.jsonl")
-    if start and dist.is_main and os.path.isfile(metrics_path):
-        _truncate_metrics(metrics_path, start)  # rows an interrupted attempt wrote past the checkpoint
-        if os.path.isfile(samples_file(out)):
-            _truncate_metrics(samples_file(out), start)
+    if start and dist.is_main:  # rows an interrupted attempt wrote past the checkpoint
+        for path in (metrics_path, samples_file(out)):
+            if os.path.isfile(path):
+                _truncate_rows(path, start)
     metrics = open(metrics_path, "a" if start else "w", encoding="utf-8") if dist.is_main else None
     first_eval = last_eval = None
     if run_data.eval is not None and start == 0:
@@ -319,7 +320,8 @@ def _train(cfg: dict, dist: DistInfo, run_data: RunData, tqdm) -> dict:
             first_loss = step_loss if first_loss is None else first_loss
             last_loss = step_loss
             seconds = time.perf_counter() - t0
-            if run_data.eval is not None and _wants_eval(step + 1, tr):
+            evaluated = run_data.eval is not None and _wants_eval(step + 1, tr)
+            if evaluated:
                 last_eval = _evaluate(engine, run_data, tokenizer, cfg, dist, step + 1, f"after step {step + 1}")
             if metrics is not None:
                 cut = data.truncated_in(global_batch_indices(step, len(data), tr["global_batch_size"], tr["seed"]))
@@ -328,7 +330,7 @@ def _train(cfg: dict, dist: DistInfo, run_data: RunData, tqdm) -> dict:
                        "truncated": cut}
                 if aux_loss is not None:
                     row["aux_loss"] = aux_loss
-                if run_data.eval is not None and _wants_eval(step + 1, tr):
+                if evaluated:
                     row.update(last_eval)
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
