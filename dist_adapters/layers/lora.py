@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dora
+from .fused import FusedLoraLinear
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -196,6 +197,9 @@ class LoraLinear(AdapterLayer):
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (layers/dora.py)
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
+        # The fused path (layers/fused.py) where it is safe; engines that need the leaves'
+        # own forward (FSDP1 units, ZeRO-3 hooks, tensor parallel) turn it off (set_fused).
+        self.fused = True
 
     def adapter_factors(self, name: str) -> tuple[nn.Module, nn.Module]:
         return self.lora_A[name], self.lora_B[name]
@@ -223,8 +227,38 @@ class LoraLinear(AdapterLayer):
             nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
 
+    def _fusable(self, run: list[str], x: torch.Tensor, args, kwargs) -> bool:
+        """The fused path reads the factors' and the base's weights outside their modules'
+        forward (an exception to rule 1 of docs/architecture.md), so it runs only where nothing
+        can depend on those forwards: one plain LoRA adapter, leaves of exactly ``LoraFactor``
+        without hooks (FSDP2 groups, TP subclasses, ZeRO-3 hooks all fail this), a frozen whole
+        base of exactly nn.Linear / Conv1D without hooks, no autocast."""
+        if not self.fused or len(run) != 1 or args or kwargs or run[0] in self.lora_magnitude_vector:
+            return False
+        base, a, b = self.base_layer, self.lora_A[run[0]], self.lora_B[run[0]]
+        if type(a) is not LoraFactor or type(b) is not LoraFactor or not _fusable_base(base, self.fan_in_fan_out):
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (base, a, b)) or hasattr(base, "_hf_hook"):
+            return False
+        if torch.is_autocast_enabled(x.device.type) or type(x) is not torch.Tensor:
+            return False
+        weight = base.weight
+        return (weight.shape == ((self.in_features, self.out_features) if self.fan_in_fan_out
+                                 else (self.out_features, self.in_features))
+                and a.weight.shape == (self.r[run[0]], self.in_features)
+                and b.weight.shape == (self.out_features, self.r[run[0]]))
+
+    def _fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return FusedLoraLinear.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
+                                     self.lora_B[name].weight, self.scaling[name], p, dropout.training,
+                                     self.fan_in_fan_out)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         run = self._adapters_to_run()  # first: it may unmerge before the base runs
+        if self._fusable(run, x, args, kwargs):
+            return self._fused_forward(run[0], x)
         result = self.base_layer(x, *args, **kwargs)
         for name in run:
             if name in self.lora_magnitude_vector:
@@ -243,6 +277,25 @@ class LoraLinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+def _fusable_base(base: nn.Module, fan_in_fan_out: bool) -> bool:
+    kind = type(base)
+    if fan_in_fan_out:
+        if kind.__name__ != "Conv1D" or not kind.__module__.startswith("transformers."):
+            return False
+    elif kind is not nn.Linear:
+        return False
+    tensors = [base.weight] + ([base.bias] if base.bias is not None else [])
+    return all(type(t) in (torch.Tensor, nn.Parameter) and not t.requires_grad and not hasattr(t, "ds_id")
+               for t in tensors)
+
+
+def set_fused(model: nn.Module, enabled: bool) -> None:
+    """Turn the fused LoRA Linear path (layers/fused.py) on or off for every LoRA Linear layer."""
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.fused = enabled
 
 
 class LoraEmbedding(AdapterLayer):

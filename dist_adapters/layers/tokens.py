@@ -26,6 +26,12 @@ from torch import nn
 from .lora import AdapterLayer, _adapter_dtype
 
 
+def _writable(activation: torch.Tensor) -> torch.Tensor:
+    """autograd forbids changing some views in place (a sharded engine's output can be one):
+    write into a copy of the activation then, never of the V x d weight."""
+    return activation.clone() if activation._is_view() else activation
+
+
 class TokenRows(nn.Module):
     """The k trainable rows of one adapter, with their token ids and the original rows.
 
@@ -54,22 +60,24 @@ class TokenRows(nn.Module):
     def place(self, x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor, mode: str,
               scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
         """``forward`` with the rows given as ``weight`` (this module's own, or a local view of it)."""
-        if base_out._is_view():
-            # autograd forbids changing some views in place (a sharded engine's output can be one):
-            # write into a copy of the activation, never of the V x d weight
-            base_out = base_out.clone()
         if mode == "embed":
             pos = torch.searchsorted(self.sorted_indices, x).clamp_(max=len(self.sorted_indices) - 1)
             hit = self.sorted_indices[pos] == x
+            if torch.compiler.is_compiling():
+                # static shapes (a boolean index would be a graph break): a row for every
+                # position, kept where it holds a chosen token; O(N x d) activation, not V x d
+                rows = F.embedding(self.order[pos], weight)
+                rows = rows * scale.to(rows.dtype) if scale is not None else rows
+                return torch.where(hit.unsqueeze(-1), rows.to(base_out.dtype), base_out)
             rows = F.embedding(self.order[pos[hit]], weight)  # [positions holding a chosen token, d]
             if scale is not None:
                 rows = rows * scale.to(rows.dtype)
             # in place: an embedding's backward needs only the ids, never its output
-            return base_out.index_put_((hit,), rows.to(base_out.dtype))
+            return _writable(base_out).index_put_((hit,), rows.to(base_out.dtype))
         if mode == "logits":
             extra = F.linear(x.to(weight.dtype), weight, None if bias is None else bias[self.indices].to(weight.dtype))
             # in place: the frozen head's backward does not need its own output
-            return base_out.index_copy_(-1, self.indices, extra.to(base_out.dtype))
+            return _writable(base_out).index_copy_(-1, self.indices, extra.to(base_out.dtype))
         raise ValueError(f"TokenRows mode must be 'embed' or 'logits', got {mode!r}")
 
     def extra_repr(self) -> str:

@@ -40,6 +40,11 @@ class Strategy:
     # extra from_pretrained arguments: transformers shards the model while loading it (the
     # built-in model is saved to OUTPUT/base_model first and loaded from there)
     loading_kwargs: Optional[Callable[[EngineConfig], dict]] = None
+    # LoRA Linear layers may take the fused path (layers/fused.py), which reads the factors
+    # outside their leaves' forward: not where an engine acts around a leaf's forward (FSDP1
+    # units, ZeRO-3 hooks) or swaps the leaves (tensor parallel)
+    fused_lora: bool = True
+    compile: bool = False  # parallel.compile verified (tests/test_compile.py)
 
 
 def _none(model, make_optimizer, dist, config) -> Engine:
@@ -94,22 +99,23 @@ _DEMO = "dist-adapters train configs/demo.yaml"
 _ZERO_STATE = ("adapter_optimizer.pt", "deepspeed")
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
     Strategy("none", _none, "one process, the model as it is",
-             f"{_DEMO} --set parallel.strategy=none launch.nproc_per_node=1", multi_process=False, quantization=True),
+             f"{_DEMO} --set parallel.strategy=none launch.nproc_per_node=1", multi_process=False, quantization=True,
+             compile=True),
     Strategy("ddp", ddp.DDPEngine, "torch DDP: adapter gradients all-reduced, accumulation with `no_sync`; "
-             "the demo config's 2 processes", _DEMO, quantization=True),
+             "the demo config's 2 processes", _DEMO, quantization=True, compile=True),
     Strategy("fsdp1", fsdp.FSDP1Engine, "FSDP1, adapter leaves in their own units (`use_orig_params: false` works)",
              "dist-adapters train configs/fsdp1.yaml", shards_parameters=True, quantization=True,
-             optimizer_state=("dcp",)),
+             optimizer_state=("dcp",), fused_lora=False),
     Strategy("fsdp2", fsdp.FSDP2Engine, "FSDP2 `fully_shard` per block, then the root",
              "dist-adapters train configs/fsdp2.yaml", shards_parameters=True, quantization=True,
-             optimizer_state=("dcp",)),
+             optimizer_state=("dcp",), compile=True),
     Strategy("zero1", _zero(1), "DeepSpeed ZeRO-1: optimizer state partitioned",
              "dist-adapters train configs/zero3.yaml --set parallel.strategy=zero1", optimizer_state=_ZERO_STATE),
     Strategy("zero2", _zero(2), "DeepSpeed ZeRO-2: optimizer state and gradients partitioned",
              "dist-adapters train configs/zero3.yaml --set parallel.strategy=zero2", optimizer_state=_ZERO_STATE),
     Strategy("zero3", _zero(3), "DeepSpeed ZeRO-3: parameters too; `model.path` loads straight into partitions",
              "dist-adapters train configs/zero3.yaml", shards_parameters=True, quantization=True,
-             loading_context=_zero3_loading, optimizer_state=_ZERO_STATE),
+             loading_context=_zero3_loading, optimizer_state=_ZERO_STATE, fused_lora=False),
     Strategy("tp", tensor.TPEngine,
              "DTensor tensor parallel over all ranks (`parallel.tp_size` = world size); every rank sees the same "
              "samples", "dist-adapters train configs/tp.yaml", tensor_parallel=True, data_parallel=False,

@@ -37,7 +37,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "optimizer": "adamw", "eval_every": 0, "eval_generate": 0,
     },
     "parallel": {"strategy": "none", "tp_size": 1, "ep_size": 1, "use_orig_params": False, "deepspeed_config": None,
-                 "activation_checkpointing": False, "mixed_precision": None},
+                 "activation_checkpointing": False, "mixed_precision": None, "fused_lora": True, "compile": False},
     "launch": {"launcher": "torchrun", "nproc_per_node": 1, "nnodes": 1, "node_rank": 0, "master_addr": None,
                "master_port": None, "local_addr": None, "hostfile": None, "max_restarts": 0,
                "timeout_minutes": 30},
@@ -216,10 +216,15 @@ def validate(cfg: dict, where) -> None:
         _positive_int(cfg, key, where)
     _positive_int(cfg, "train.warmup_steps", where, minimum=0)
     _validate_data(cfg, where)
-    for key in ("train.overwrite", "parallel.use_orig_params", "parallel.activation_checkpointing"):
+    for key in ("train.overwrite", "parallel.use_orig_params", "parallel.activation_checkpointing",
+                "parallel.fused_lora", "parallel.compile"):
         section, name = key.split(".")
         if not isinstance(cfg[section][name], bool):
             raise RecipeError(f"{where(key)}: {key} must be true or false, got {cfg[section][name]!r}")
+    if par["compile"] and not STRATEGIES[par["strategy"]].compile:
+        verified = ", ".join(n for n, s in STRATEGIES.items() if s.compile)
+        raise RecipeError(f"{where('parallel.compile')}: parallel.compile runs under {verified}, "
+                          f"not parallel.strategy {par['strategy']}")
     if not isinstance(train["lr"], (int, float)) or train["lr"] <= 0:
         raise RecipeError(f"{where('train.lr')}: train.lr must be a number > 0, got {train['lr']!r}")
     if train["global_batch_size"] % train["micro_batch_size"]:

@@ -24,7 +24,9 @@ from ..checkpoint.peft_format import save_adapter
 from ..control import unwrap
 from ..inject import inject
 from ..launcher import DistInfo, init_distributed
+from ..layers.lora import set_fused
 from ..parallel.engine import EngineConfig
+from ..parallel.compile import compile_blocks
 from ..parallel.strategies import STRATEGIES
 from ..process_group import barrier
 from . import builtin, loftq, quantization
@@ -286,8 +288,13 @@ def _train(cfg: dict, dist: DistInfo, run_data: RunData, tqdm) -> dict:
     accumulation = check_world(cfg, dist.world_size)
     model, tokenizer = _adapted_model(cfg, dist, accumulation)
     aux = router_aux(model, cfg["model"]["output_router_logits"])
-    engine = STRATEGIES[cfg["parallel"]["strategy"]].setup(model, make_optimizer_factory(tr), dist,
-                                                            engine_config(cfg, accumulation))
+    strategy = STRATEGIES[cfg["parallel"]["strategy"]]
+    set_fused(model, cfg["parallel"]["fused_lora"] and strategy.fused_lora)
+    if cfg["parallel"]["compile"]:  # before the engine wraps or shards (the blocks stay in place)
+        compiled = compile_blocks(model)
+        if dist.is_main:
+            print(f"parallel.compile: {compiled} transformer blocks compiled (torch.compile, inductor)", flush=True)
+    engine = strategy.setup(model, make_optimizer_factory(tr), dist, engine_config(cfg, accumulation))
     data = run_data.train
     if dist.is_main:
         print(run_data.summary(), flush=True)
