@@ -45,7 +45,7 @@ test: $(VENV)/.test-stamp
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 benchmark: $(VENV)/.test-stamp
-	$(PY) benchmarks/lora_linear.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -21,6 +21,8 @@ import statistics
 import subprocess
 import sys
 
+from report import emit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["--hidden", "768", "--inter", "2048", "--layers", "8", "--lora-rank", "16", "--steps", "1"]
 
@@ -105,6 +107,11 @@ def main() -> None:
     print(f"time ratio ours/zero_to_fp32: {med['ours'][0] / med['zero_to_fp32'][0]:.3f}  (target <= 0.5)")
     print(f"RSS ratio ours/zero_to_fp32:  {med['ours'][1] / med['zero_to_fp32'][1]:.3f}")
     budget = adapter_mb + 200
+    times = [o["wall_s"] / z["wall_s"] for o, z in zip(rows["ours"], rows["zero_to_fp32"])]
+    emit("consolidate", "adapter out of a ZeRO-3 checkpoint: time ours/zero_to_fp32", times, "<= 0.5",
+         f"tensors equal: {equal}", "python benchmarks/consolidate.py")
+    emit("consolidate", "adapter out of a ZeRO-3 checkpoint: peak RSS ours/zero_to_fp32",
+         [med["ours"][1] / med["zero_to_fp32"][1]], None, f"ours {med['ours'][1]:.0f} MB", "python benchmarks/consolidate.py")
     print(f"peak RSS ours {med['ours'][1]:.0f} MB vs target adapter + 200 MB = {budget:.0f} MB: "
           f"{'met' if med['ours'][1] <= budget else 'NOT met'}  (python + `import torch` alone: {base:.0f} MB)")
 

@@ -57,7 +57,8 @@ def main() -> None:
         return
     got = run_rounds(__file__, args.rounds)
     report(got, f"DoRA Linear {args.features} x {args.features}, r={args.rank}, {args.tokens} tokens, fp32; "
-                f"{args.rounds} rounds x {args.iters} iters, one subprocess per side and round", 0.7, 0.25)
+                f"{args.rounds} rounds x {args.iters} iters, one subprocess per side and round", 0.7, 0.25,
+           "dora", "python benchmarks/dora.py")
 
 
 if __name__ == "__main__":

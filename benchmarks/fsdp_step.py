@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from report import emit
+
 
 def worker(args) -> None:
     import torch
@@ -88,6 +90,9 @@ def worker(args) -> None:
                   f"{reduced[k] / 2**20:.2f} MiB")
         print(f"  trainable {n_trainable * 4 / 2**20:.2f} MiB of a {n_total * 4 / 2**20:.1f} MiB fp32 model")
         print(f"ratio dist_adapters/peft = {med['dist_adapters'] / med['peft']:.3f} (target <= 1.0)")
+        emit("fsdp_step", f"FSDP2 step, 2 ranks, Llama {args.hidden}x{args.layers}: time ours/peft",
+             [o / p for o, p in zip(times["dist_adapters"], times["peft"])], "<= 1.0",
+             f"reduce-scattered {reduced['dist_adapters'] / 2**20:.2f} MiB per step", "python benchmarks/fsdp_step.py")
     dist.destroy_process_group()
 
 

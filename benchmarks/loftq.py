@@ -21,6 +21,8 @@ import inspect
 import statistics
 import time
 
+from report import emit
+
 import torch
 
 
@@ -83,6 +85,9 @@ def main() -> None:
                 errs["peft"] = rel(w, q + b @ a)
             ours, theirs = statistics.median(times["ours"]), statistics.median(times["peft"])
             rows.append((n, iters, ours, theirs, errs["ours"], errs["peft"], e_nf4))
+            emit("loftq", f"LoftQ init {n}x{n}, {iters} iters: time ours/peft",
+                 [o / p for o, p in zip(times["ours"], times["peft"])], "<= 0.3",
+                 f"error ours/peft {errs['ours'] / errs['peft']:.5f}", "python benchmarks/loftq.py")
             print(f"{n}x{n} iters={iters}: ours {ours:8.3f} s  peft {theirs:8.3f} s  ratio {ours / theirs:.3f}   "
                   f"error ours {errs['ours']:.6f}  peft {errs['peft']:.6f}  ours/peft {errs['ours'] / errs['peft']:.5f}  "
                   f"(nf4 alone {e_nf4:.6f})", flush=True)

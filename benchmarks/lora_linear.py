@@ -100,7 +100,7 @@ def run(args, dropout: float, dtype: torch.dtype) -> None:
           f"peft {fmt([100 * o for o in over_peft], 1)} %  (target <= 3 %)")
     added = [o / p for o, p in zip(over_ours, over_peft) if p > 0]
     print(f"  LoRA's added time, dist_adapters/peft: {fmt(added) if added else 'n/a'}")
-    print(f"  saved for backward (KiB, beyond params and input): "
+    print("  saved for backward (KiB, beyond params and input): "
           + ", ".join(f"{n} {b / 1024:.0f}" for n, b in saved.items()))
     print(f"ratio ours/peft = {fmt(vs_peft)} (target <= 0.92); fused/unfused = {fmt(fused_vs_unfused)}")
     label = f"LoRA Linear {args.dim}², r={args.rank}, dropout {dropout}"

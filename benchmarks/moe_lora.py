@@ -71,7 +71,7 @@ def main() -> None:
     got = run_rounds(__file__, args.rounds)
     report(got, f"MoE block E={args.experts} top-2, hidden {args.hidden}, intermediate {args.inter}, r={args.rank}, "
                 f"{args.tokens} tokens, fp32; {args.rounds} rounds x {args.iters} iters, one subprocess per side and "
-                "round", 0.7, 0.25)
+                "round", 0.7, 0.25, "moe_lora", "python benchmarks/moe_lora.py")
 
 
 if __name__ == "__main__":

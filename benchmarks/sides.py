@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from report import emit
+
 SIDES = ("frozen", "dist_adapters", "peft")
 
 
@@ -66,7 +68,8 @@ def run_rounds(script: str, rounds: int) -> dict[str, list[dict]]:
     return got
 
 
-def report(got: dict[str, list[dict]], what: str, time_target: float, memory_target: float) -> None:
+def report(got: dict[str, list[dict]], what: str, time_target: float, memory_target: float,
+           benchmark: str = "", command: str = "") -> None:
     """Per side min / median / max time and median memory; ours/peft per round (and above the
     frozen layer's time), and the memory above the frozen layer's, ours/peft."""
     print(what)
@@ -86,3 +89,7 @@ def report(got: dict[str, list[dict]], what: str, time_target: float, memory_tar
     print(f"time above the frozen layer, ours/peft per round: min/median/max {min(above):.3f} / "
           f"{statistics.median(above):.3f} / {max(above):.3f}")
     print(f"memory above the frozen layer's own fwd+bwd, ours/peft: {mem_ratio:.3f} (target <= {memory_target})")
+    if benchmark:
+        emit(benchmark, f"{what.split(';')[0]}: time ours/peft", ratios, f"<= {time_target}", what, command)
+        emit(benchmark, f"{what.split(';')[0]}: memory above the frozen layer ours/peft", [mem_ratio],
+             f"<= {memory_target}", what, command)

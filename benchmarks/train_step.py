@@ -1,5 +1,6 @@
 """A whole training step (forward, backward, AdamW) of a Llama-shaped model with LoRA r=16 on every
-linear layer: dist_adapters against peft, and dist_adapters compiled (each decoder layer).
+linear layer: dist_adapters against peft, and dist_adapters unfused (``set_fused(model, False)``)
+and compiled (each decoder layer, ``parallel.compile``) under ``none``.
 
 Model: LlamaForCausalLM from a config (8 layers, hidden 1024, intermediate 2816, 16 heads, 4 KV
 heads, vocab 32000), seed 0; global batch 4x256 tokens. Under ``none`` one process runs every
@@ -87,10 +88,14 @@ def single(args) -> None:
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     ours, theirs = build_models(args, args.device, dtype)
-    sides = {"dist_adapters": ours, "peft": theirs}
-    if not args.no_compile:
-        import copy
+    import copy
 
+    from dist_adapters.layers.lora import set_fused
+
+    unfused = copy.deepcopy(ours)
+    set_fused(unfused, False)
+    sides = {"dist_adapters": ours, "peft": theirs, "dist_adapters unfused": unfused}
+    if not args.no_compile:
         from dist_adapters.parallel.compile import compile_blocks
 
         compiled = copy.deepcopy(ours)
@@ -101,6 +106,7 @@ def single(args) -> None:
              f"{args.batch}x{args.seq}, {str(dtype)[6:]} {args.device}, {torch.get_num_threads()} threads")
     times = run_sides(args, sides, ids, True, f"none, {shape}")
     report(times, "dist_adapters", "peft", "train step, none: ours/peft", "<= 0.90", shape)
+    report(times, "dist_adapters unfused", "peft", "train step, none: ours unfused/peft", None, shape)
     if "dist_adapters compiled" in times:
         report(times, "dist_adapters compiled", "peft", "train step, none: ours compiled/peft eager", None, shape)
         report(times, "dist_adapters compiled", "dist_adapters", "train step, none: ours compiled/ours eager",

@@ -20,6 +20,8 @@ import resource
 import subprocess
 import sys
 
+from report import emit
+
 V, D, K, BATCH, SEQ = 64000, 512, 16, 8, 128
 VARIANTS = ("baseline", "dist_adapters", "peft", "full embedding")
 
@@ -98,6 +100,8 @@ def main() -> None:
     for v, e in extra.items():
         print(f"  {v:30s} {step[v] / mib:8.1f} MiB   extra over baseline {e / mib:8.1f} MiB")
     ratio = extra["dist_adapters"] / extra["peft"]
+    emit("trainable_tokens_memory", "trainable tokens: step memory above a frozen embedding ours/peft", [ratio],
+         "<= 0.05", f"V={V}, d={D}, k={K}", "python benchmarks/trainable_tokens_memory.py")
     print(f"ratio extra dist_adapters/peft = {ratio:.4f} (target <= 0.05); "
           f"dist_adapters/full = {extra['dist_adapters'] / extra['full embedding']:.4f}")
 

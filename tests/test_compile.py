@@ -60,6 +60,9 @@ def test_no_graph_break_inside_adapter_layers(fused):
     position = model.model.rotary_emb(hidden, torch.arange(12)[None].expand(2, -1))
     one = torch._dynamo.explain(lambda h: block(h, position_embeddings=position))(hidden)
     assert (one.graph_count, one.graph_break_count) == (1, 0), one.break_reasons
+    # the fused LoRA Linear is traced as one autograd function per linear (7 per block)
+    applied = one.graphs[0].code.count("torch.ops.higher_order.autograd_function_apply(")
+    assert applied == (7 if fused else 0), applied
     # the token rows and the modules_to_save copy alone: 0 breaks
     for layer, arg in ((model.model.embed_tokens, ids), (model.lm_head, hidden)):
         alone = torch._dynamo.explain(layer)(arg)

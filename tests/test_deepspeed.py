@@ -84,6 +84,7 @@ def test_zero3_partitioned_model_inject_save_merge(tmp_path):
     assert got["partitioned_shape"] == [0] and got["ds_shape"] == [32, 32]  # really partitioned
     assert got["lora_A_shape"] == [4, 32]  # injected with shapes from ds_shape
     assert got["token_rows_init_diff"] == 0.0  # token rows copied through the ZeRO-3 gather (vs the file)
+    assert got["fused_calls"] == 0  # ZeRO-3's hooks on the leaves keep the layers on the leaf calls
     # measured: merged weights 0.0 from the expected, logits 2.4e-7, unmerged weights 1.5e-8,
     # unmerged logits 1.8e-7 to 2.4e-7, unloaded 1.2e-7 to 1.6e-7
     assert got["merge_changed_weight"] > 1e-3 and got["merged_weight_vs_expected"] <= WEIGHTS_TOL

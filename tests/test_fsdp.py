@@ -101,6 +101,14 @@ def test_merge_save_load_under_fsdp(engine, tmp_path):
     got = json.loads(result.read_text())
     print(engine, got)
     assert got["sharded_vs_plain"] <= LOGITS_TOL  # measured 0.0
+    # the fused LoRA Linear: 3 blocks x 7 linears in one process; under FSDP2 too, with the plain
+    # gradients; under FSDP1 (every leaf its own unit) never
+    assert got["fused_calls_plain"] == 21
+    if engine == "fsdp2":
+        assert got["fused_calls_sharded"] == 21
+        assert got["grad_scale"] > 1e-3 and got["fused_grads_vs_plain"] <= WEIGHTS_TOL  # measured 0.0
+    else:
+        assert got["fused_calls_sharded"] == 0
     # merge wrote W + scaling * B @ A (and the token rows) into the sharded base weights; the
     # delta is far above the tolerance, so a merge that did nothing fails
     assert got["merged_flags"] == ["['default']"] and got["unmerged_flags"] == ["[]"]

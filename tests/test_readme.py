@@ -45,6 +45,9 @@ DRY_RUN = [
 TESTED_BY = {
     "make demo": "tests/test_recipe.py::test_demo_config_two_ranks_learns_the_task_and_peft_reproduces",
     "make test": "tests/test_readme.py::test_make_test_is_what_ci_runs",
+    "make benchmark": "tests/test_benchmarks.py::test_make_benchmark_writes_results_table_and_chart",
+    "dist-adapters train configs/fsdp2.yaml --set parallel.compile=true":
+        "tests/test_compile.py::test_recipe_compile_trains_as_eager",
     "python examples/trl_sft.py --out runs/trl_sft": "tests/test_examples.py::test_trl_sft_example_checkpoints_hold_a_peft_adapter",
     "torchrun --standalone --nproc_per_node 2 examples/trl_sft.py --out runs/trl_sft":
         "tests/test_examples.py::test_trl_sft_example_checkpoints_hold_a_peft_adapter",

@@ -197,8 +197,8 @@ class LoraLinear(AdapterLayer):
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (layers/dora.py)
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
-        # The fused path (layers/fused.py) where it is safe; engines that need the leaves'
-        # own forward (FSDP1 units, ZeRO-3 hooks, tensor parallel) turn it off (set_fused).
+        # The fused path (layers/fused.py) where it is safe (_fusable); engines that act
+        # around the leaves' own forward turn it off (set_fused, through their strategy row).
         self.fused = True
 
     def adapter_factors(self, name: str) -> tuple[nn.Module, nn.Module]:
@@ -229,10 +229,12 @@ class LoraLinear(AdapterLayer):
 
     def _fusable(self, run: list[str], x: torch.Tensor, args, kwargs) -> bool:
         """The fused path reads the factors' and the base's weights outside their modules'
-        forward (an exception to rule 1 of docs/architecture.md), so it runs only where nothing
-        can depend on those forwards: one plain LoRA adapter, leaves of exactly ``LoraFactor``
-        without hooks (FSDP2 groups, TP subclasses, ZeRO-3 hooks all fail this), a frozen whole
-        base of exactly nn.Linear / Conv1D without hooks, no autocast."""
+        forward (the exception to rule 1 of docs/architecture.md), so it runs only where nothing
+        can depend on those forwards: one plain LoRA adapter; leaves of exactly ``LoraFactor``
+        (not wrapped, not swapped for a subclass) without hooks (an engine acting around a
+        leaf's forward); a base of exactly nn.Linear / Conv1D without hooks whose weights are
+        frozen plain tensors of their full shape (not a tensor subclass, not partitioned); no
+        autocast. Engines can also turn it off outright (``set_fused``)."""
         if not self.fused or len(run) != 1 or args or kwargs or run[0] in self.lora_magnitude_vector:
             return False
         base, a, b = self.base_layer, self.lora_A[run[0]], self.lora_B[run[0]]
@@ -243,6 +245,8 @@ class LoraLinear(AdapterLayer):
         if torch.is_autocast_enabled(x.device.type) or type(x) is not torch.Tensor:
             return False
         weight = base.weight
+        if type(a.weight) is not nn.Parameter or type(b.weight) is not nn.Parameter:
+            return False
         return (weight.shape == ((self.in_features, self.out_features) if self.fan_in_fan_out
                                  else (self.out_features, self.in_features))
                 and a.weight.shape == (self.r[run[0]], self.in_features)
@@ -287,8 +291,7 @@ def _fusable_base(base: nn.Module, fan_in_fan_out: bool) -> bool:
     elif kind is not nn.Linear:
         return False
     tensors = [base.weight] + ([base.bias] if base.bias is not None else [])
-    return all(type(t) in (torch.Tensor, nn.Parameter) and not t.requires_grad and not hasattr(t, "ds_id")
-               for t in tensors)
+    return all(type(t) in (torch.Tensor, nn.Parameter) and not t.requires_grad for t in tensors)
 
 
 def set_fused(model: nn.Module, enabled: bool) -> None:

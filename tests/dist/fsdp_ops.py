@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dist_adapters as da  # noqa: E402
+import dist_adapters.layers.lora as lora_module  # noqa: E402
 from dist_adapters.parallel import fsdp  # noqa: E402
 from helpers import (expected_merged, input_ids, leave_process_group, merged_flags,  # noqa: E402
                      randomize_trainable, tiny_llama)
@@ -66,6 +67,39 @@ if engine != "fsdp2":  # auto_wrap_policy: every adapter leaf is an FSDP1 unit o
     results["adapter_leaf_units"] = sum(type(m.module).__name__ in ("LoraFactor", "TokenRows")
                                         for m in model.modules() if isinstance(m, FSDP))
 results["sharded_vs_plain"] = (fwd(model) - expected).abs().max().item()
+
+
+# The fused LoRA Linear (layers/fused.py) under the engine: FSDP2 takes it, reading the factors
+# its block unit has gathered, and gives one process's gradients; FSDP1 gives every leaf its own
+# unit, so the layer must keep calling the leaves (the fused path never runs there).
+def gradients(m):
+    m(input_ids=input_ids(), labels=input_ids()).loss.backward()
+    return {n.replace("_fsdp_wrapped_module.", ""): (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
+            for n, p in m.named_parameters() if p.requires_grad}
+
+
+real_fused = lora_module.FusedLoraLinear
+fused_calls = []
+
+
+class CountingFused(real_fused):
+    @classmethod
+    def apply(cls, *args):
+        fused_calls.append(1)
+        return real_fused.apply(*args)
+
+
+lora_module.FusedLoraLinear = CountingFused
+plain_grads = gradients(build())
+results["fused_calls_plain"] = len(fused_calls)
+fused_calls.clear()
+sharded_grads = gradients(wrap(build()))
+results["fused_calls_sharded"] = len(fused_calls)
+if engine == "fsdp2":
+    assert sorted(sharded_grads) == sorted(plain_grads), sorted(set(sharded_grads) ^ set(plain_grads))
+    results["fused_grads_vs_plain"] = max((sharded_grads[n] - plain_grads[n]).abs().max().item() for n in plain_grads)
+    results["grad_scale"] = max(g.abs().max().item() for g in plain_grads.values())
+lora_module.FusedLoraLinear = real_fused
 
 # collective save: every rank calls, rank 0 writes; peft (on rank 0) reproduces the plain logits
 da.save_adapter(model, os.path.join(out_dir, "adapter"))
