@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 
 import torch
 from torch import nn
@@ -126,7 +125,7 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, nargs="*", default=[0.0, 0.1])
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("lora_linear.py: --device cuda but torch.cuda.is_available() is False")
+        ap.error("--device cuda but torch.cuda.is_available() is False")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     for dropout in args.dropout:
         run(args, dropout, dtype)

@@ -159,6 +159,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return fsdp2_worker(args)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda but torch.cuda.is_available() is False")
     if args.strategy in ("all", "none"):
         single(args)
     if args.strategy in ("all", "fsdp2"):

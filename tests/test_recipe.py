@@ -47,7 +47,8 @@ def test_demo_config_two_ranks_learns_the_task_and_peft_reproduces(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 1201))
     assert {"step", "loss", "lr", "tokens_per_s", "seconds"} <= set(rows[0])
     assert [r["step"] for r in rows if "eval_loss" in r] == [400, 800, 1200]
-    assert rows[-1]["eval_exact_match"] == float(after.group(2)) and rows[-1]["eval_loss"] < 0.1
+    # the printed figure has 3 decimals (63/64 prints as 0.984)
+    assert abs(rows[-1]["eval_exact_match"] - float(after.group(2))) <= 5e-4 and rows[-1]["eval_loss"] < 0.1
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 * 64 and {r["step"] for r in samples} == {0, 400, 800, 1200}
     last = [r for r in samples if r["step"] == 1200]

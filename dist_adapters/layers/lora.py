@@ -184,6 +184,9 @@ class LoraLinear(AdapterLayer):
 
     adapter_module_names = ("lora_A", "lora_B", "lora_magnitude_vector")
     supports_dora = True
+    # The fused path (layers/fused.py) where it is safe (_fusable); engines that act around the
+    # leaves' own forward turn it off (set_fused, through their strategy row).
+    fused = True
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False,
                  shape: Optional[Sequence[int]] = None) -> None:
@@ -197,9 +200,6 @@ class LoraLinear(AdapterLayer):
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (layers/dora.py)
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
-        # The fused path (layers/fused.py) where it is safe (_fusable); engines that act
-        # around the leaves' own forward turn it off (set_fused, through their strategy row).
-        self.fused = True
 
     def adapter_factors(self, name: str) -> tuple[nn.Module, nn.Module]:
         return self.lora_A[name], self.lora_B[name]
