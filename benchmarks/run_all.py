@@ -1,7 +1,8 @@
 """``make benchmark``: run every benchmark, collect the ratio rows each prints (``report.emit``),
 and write ``benchmarks/results.md`` (a table: median with min / max over rounds, the target, met
 or not) and ``benchmarks/results.png`` (a bar chart of the median ratios, min-max as error bars,
-targets marked).
+targets marked). The rows themselves are kept in ``benchmarks/results.jsonl``; ``--only`` reruns
+some benchmarks and replaces just their rows.
 
     python benchmarks/run_all.py                       # everything (about 20 minutes on 2 CPU cores)
     python benchmarks/run_all.py --only lora_linear train_step
@@ -60,6 +61,7 @@ def chart(rows: list[dict], path: str) -> None:
             limit = float(r["target"].split()[-1])
             ax.plot([limit, limit], [y - 0.4, y + 0.4], color="#c44e52", linewidth=2)
     ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlim(min(0.0, min(med)), min(2.0, max(1.2, max(r["max"] for r in shown))))  # a wild max stays readable
     ax.set_yticks(list(ys))
     ax.set_yticklabels([r["row"][:90] for r in shown], fontsize=7)
     ax.invert_yaxis()
@@ -68,6 +70,20 @@ def chart(rows: list[dict], path: str) -> None:
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
+
+
+def _merge(path: str, rows: list[dict], rerun: list[str]) -> list[dict]:
+    """Rows of the benchmarks not rerun, kept from ``path``, then the new rows (in BENCHMARKS
+    order); written back to ``path`` atomically."""
+    kept = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            kept = [r for r in map(json.loads, filter(str.strip, fh)) if r["benchmark"] not in rerun]
+    merged = sorted(kept + rows, key=lambda r: BENCHMARKS.index(r["benchmark"]))
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in merged)
+    os.replace(path + ".tmp", path)
+    return merged
 
 
 def main() -> None:
@@ -83,6 +99,7 @@ def main() -> None:
         if name not in BENCHMARKS:
             ap.error(f"--extra {item!r}: {name!r} is not one of {', '.join(BENCHMARKS)}")
         extra[name] = shlex.split(rest)
+    os.makedirs(args.out, exist_ok=True)
     fd, results = tempfile.mkstemp(suffix=".jsonl")
     os.close(fd)
     env = {**os.environ, "DA_BENCH_RESULTS": results}
@@ -97,13 +114,14 @@ def main() -> None:
             rows = [json.loads(line) for line in fh if line.strip()]
     finally:
         os.unlink(results)
+    rows = _merge(os.path.join(args.out, "results.jsonl"), rows, args.only)
     import torch
 
     header = (f"# Benchmark results\n\nWritten by `make benchmark` (benchmarks/run_all.py) on "
               f"{time.strftime('%Y-%m-%d')}: {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} CPUs, torch {torch.__version__}, {time.time() - started:.0f} s. Each ratio is ours "
-              "over the reference, taken per round with the sides interleaved.")
-    os.makedirs(args.out, exist_ok=True)
+              f"{os.cpu_count()} CPUs, torch {torch.__version__}; this run: {', '.join(args.only)} "
+              f"({time.time() - started:.0f} s). Each ratio is ours over the reference, taken per round with "
+              "the sides interleaved.")
     md = os.path.join(args.out, "results.md")
     with open(md + ".tmp", "w", encoding="utf-8") as fh:
         fh.write(markdown(rows, header))

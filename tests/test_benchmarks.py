@@ -5,6 +5,7 @@ measured by the benchmarks, not by unit tests)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -20,6 +21,9 @@ def test_make_benchmark_writes_results_table_and_chart(tmp_path):
     assert "| `python benchmarks/lora_linear.py` | LoRA Linear 128², r=16, dropout 0.1: time ours/peft |" in table
     assert "bytes saved for backward ours/peft" in table
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the raw rows are kept, so a later --only run replaces just its own benchmark's rows
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["benchmark"] for r in rows} == {"lora_linear"} and len(rows) == 6
     with open(f"{ROOT}/Makefile", encoding="utf-8") as fh:
         assert "\t$(PY) benchmarks/run_all.py\n" in fh.read()
 

@@ -71,21 +71,35 @@ class FusedLoraLinear(torch.autograd.Function):
         dy_f = dy.to(lora_b.dtype)
         g = (dy_f @ lora_b) * s  # [N, r]: s dY B
         grad_b = (dy_f.T @ h) * s if ctx.needs_input_grad[4] else None
-        keep = None if mask is None else 1.0 / (1.0 - ctx.dropout_p)
-        grad_a = None
-        if ctx.needs_input_grad[3]:
-            if mask is None:
-                grad_a = g.T @ x2.to(lora_a.dtype)
-            else:  # one pass rebuilds the kept inputs; the 1/(1-p) goes on the r x in result
-                grad_a = (g.T @ (x2 * mask).to(lora_a.dtype)) * keep
+        if mask is None:
+            grad_a = g.T @ x2.to(lora_a.dtype) if ctx.needs_input_grad[3] else None
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = dy @ (weight.T if ctx.fan_in_fan_out else weight)  # [N, in]
+                _accumulate(grad_x, g, lora_a)
+                grad_x = grad_x.view(ctx.x_shape)
+            return grad_x, None, None, grad_a, grad_b, None, None, None, None
+        grad_a, grad_x = FusedLoraLinear._dropout_backward(ctx, dy, g, x2, mask, weight, lora_a)
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+
+    @staticmethod
+    def _dropout_backward(ctx, dy, g, x2, mask, weight, lora_a):
+        """dA = (1/(1-p)) g^T (x * mask) and dX = dY W + (1/(1-p)) (g A) * mask, with the bool mask
+        widened once into a buffer that then holds x * mask: mixed bool / float elementwise ops
+        and fresh N x in allocations cost several times a float pass on CPU (docs/field-notes.md)."""
+        keep = 1.0 / (1.0 - ctx.dropout_p)
+        kept = torch.empty(x2.shape, dtype=lora_a.dtype, device=x2.device).copy_(mask)  # 0/1 in the factors' dtype
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = dy @ (weight.T if ctx.fan_in_fan_out else weight)  # [N, in]
-            if mask is None:
-                _accumulate(grad_x, g, lora_a)
-            elif grad_x.dtype == lora_a.dtype:
-                grad_x.addcmul_(g @ lora_a, mask, value=keep)  # one pass: dX += (g A) * mask / (1-p)
+            lora_part = (g @ lora_a).mul_(kept)
+            if grad_x.dtype == lora_part.dtype:
+                grad_x.add_(lora_part, alpha=keep)
             else:
-                grad_x.add_(((g @ lora_a) * mask * keep).to(grad_x.dtype))
+                grad_x.add_((lora_part * keep).to(grad_x.dtype))
             grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+        grad_a = None
+        if ctx.needs_input_grad[3]:
+            grad_a = (g.T @ kept.mul_(x2)) * keep  # kept now holds x * mask
+        return grad_a, grad_x
+
