@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -100,3 +102,25 @@ def leave_process_group() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+@contextlib.contextmanager
+def counting_fused_calls():
+    """A list that gets one entry per call of the fused LoRA Linear (layers/fused.py) inside the
+    block (eager calls; under torch.compile the function is traced, not called)."""
+    import dist_adapters.layers.lora as lora_module
+
+    real = lora_module.FusedLoraLinear
+    calls: list[int] = []
+
+    class Counting(real):
+        @classmethod
+        def apply(cls, *args):
+            calls.append(1)
+            return real.apply(*args)
+
+    lora_module.FusedLoraLinear = Counting
+    try:
+        yield calls
+    finally:
+        lora_module.FusedLoraLinear = real

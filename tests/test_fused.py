@@ -17,26 +17,17 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import dist_adapters as da
-import dist_adapters.layers.lora as lora_module
 from dist_adapters.layers.lora import set_fused
+from helpers import counting_fused_calls
 
 REL_TOL = 1e-6
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
+def fused_calls():
     """How many times the fused function ran."""
-    calls = []
-    real = lora_module.FusedLoraLinear
-
-    class Counting(real):
-        @classmethod
-        def apply(cls, *args):
-            calls.append(1)
-            return real.apply(*args)
-
-    monkeypatch.setattr(lora_module, "FusedLoraLinear", Counting)
-    return calls
+    with counting_fused_calls() as calls:
+        yield calls
 
 
 def _pair(base: nn.Module, dropout: float, dtype=torch.float32):

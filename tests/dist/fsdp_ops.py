@@ -11,9 +11,8 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dist_adapters as da  # noqa: E402
-import dist_adapters.layers.lora as lora_module  # noqa: E402
 from dist_adapters.parallel import fsdp  # noqa: E402
-from helpers import (expected_merged, input_ids, leave_process_group, merged_flags,  # noqa: E402
+from helpers import (counting_fused_calls, expected_merged, input_ids, leave_process_group, merged_flags,  # noqa: E402
                      randomize_trainable, tiny_llama)
 
 engine, out_dir, result_file = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -78,28 +77,16 @@ def gradients(m):
             for n, p in m.named_parameters() if p.requires_grad}
 
 
-real_fused = lora_module.FusedLoraLinear
-fused_calls = []
-
-
-class CountingFused(real_fused):
-    @classmethod
-    def apply(cls, *args):
-        fused_calls.append(1)
-        return real_fused.apply(*args)
-
-
-lora_module.FusedLoraLinear = CountingFused
-plain_grads = gradients(build())
+with counting_fused_calls() as fused_calls:
+    plain_grads = gradients(build())
 results["fused_calls_plain"] = len(fused_calls)
-fused_calls.clear()
-sharded_grads = gradients(wrap(build()))
+with counting_fused_calls() as fused_calls:
+    sharded_grads = gradients(wrap(build()))
 results["fused_calls_sharded"] = len(fused_calls)
 if engine == "fsdp2":
     assert sorted(sharded_grads) == sorted(plain_grads), sorted(set(sharded_grads) ^ set(plain_grads))
     results["fused_grads_vs_plain"] = max((sharded_grads[n] - plain_grads[n]).abs().max().item() for n in plain_grads)
     results["grad_scale"] = max(g.abs().max().item() for g in plain_grads.values())
-lora_module.FusedLoraLinear = real_fused
 
 # collective save: every rank calls, rank 0 writes; peft (on rank 0) reproduces the plain logits
 da.save_adapter(model, os.path.join(out_dir, "adapter"))

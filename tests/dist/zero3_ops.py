@@ -16,8 +16,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 import dist_adapters as da  # noqa: E402
-import dist_adapters.layers.lora as lora_module  # noqa: E402
-from helpers import input_ids, leave_process_group  # noqa: E402
+from helpers import counting_fused_calls, input_ids, leave_process_group  # noqa: E402
 
 out_dir, result_file = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -42,24 +41,12 @@ engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=confi
 ids = input_ids()
 # ZeRO-3 gathers each leaf around its own forward (hooks): a LoRA layer must call its leaves,
 # never take the fused path (layers/fused.py), which would read unfetched factors
-real_fused = lora_module.FusedLoraLinear
-fused_calls = []
-
-
-class CountingFused(real_fused):
-    @classmethod
-    def apply(cls, *args):
-        fused_calls.append(1)
-        return real_fused.apply(*args)
-
-
-lora_module.FusedLoraLinear = CountingFused
-for _ in range(2):  # train a little so the adapter is not at its init
-    loss = engine(input_ids=ids, labels=ids).loss
-    engine.backward(loss)
-    engine.step()
+with counting_fused_calls() as fused_calls:
+    for _ in range(2):  # train a little so the adapter is not at its init
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
 results["fused_calls"] = len(fused_calls)
-lora_module.FusedLoraLinear = real_fused
 engine.eval()
 with torch.no_grad():
     expected = engine(input_ids=ids).logits
