@@ -16,7 +16,7 @@ where d is dropout with keep-mask ``mask`` (identity when p == 0). What the unfu
   rebuilt from x and the mask in backward).
 
 The base weight must be frozen and held whole (a plain tensor, not partitioned, not quantized);
-``LoraLinear._fused_operands`` checks that, and that no engine hooks the leaves, before it takes
+``LoraLinear._fusable`` checks that, and that nothing hooks or wraps the leaves, before it takes
 this path. Factors may be fp32 over a bf16/fp16 base: the LoRA terms are computed in the
 factors' dtype and cast once where they meet the base's tensors, as the unfused path does.
 """

@@ -42,7 +42,7 @@ class Strategy:
     loading_kwargs: Optional[Callable[[EngineConfig], dict]] = None
     # LoRA Linear layers may take the fused path (layers/fused.py), which reads the factors
     # outside their leaves' forward: not where an engine acts around a leaf's forward (FSDP1
-    # units, ZeRO-3 hooks) or swaps the leaves (tensor parallel)
+    # units, ZeRO-3 hooks); swapped leaves (tensor parallel) fail the layer's own check
     fused_lora: bool = True
     compile: bool = False  # parallel.compile verified (tests/test_compile.py)
 
