@@ -8,7 +8,7 @@ side, interleaved round by round (order alternating). Under ``fsdp2`` 2 ranks (t
 1 thread each, 2x256 tokens each) shard both models the same way (``fully_shard`` per layer, then
 the root) and run them interleaved. Ratios are per round; reported as median (min / median / max).
 
-    python benchmarks/train_step.py [--strategy all|none|fsdp2 --rounds 5 --no-compile]
+    python benchmarks/train_step.py [--strategy all|none|fsdp2 --rounds 9 --no-compile]
     python benchmarks/train_step.py --device cuda --strategy none     # bf16 base, CUDA events
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 
@@ -79,7 +80,9 @@ def run_sides(args, sides: dict, ids, rank0: bool, label: str, barrier=lambda: N
 
 def report(times: dict, a: str, b: str, row: str, target, detail: str) -> None:
     ratios = [x / y for x, y in zip(times[a], times[b])]
-    print(f"ratio {a} / {b} = {fmt(ratios)}" + (f" (target {target})" if target else ""))
+    of_medians = statistics.median(times[a]) / statistics.median(times[b])
+    print(f"ratio {a} / {b} = {fmt(ratios)} per round, {of_medians:.3f} of the medians"
+          + (f" (target {target})" if target else ""))
     emit("train_step", row, ratios, target, detail, COMMAND)
 
 
@@ -146,7 +149,7 @@ def fsdp2_worker(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--strategy", choices=["all", "none", "fsdp2"], default="all")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=1024)
