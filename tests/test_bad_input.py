@@ -2,7 +2,7 @@
 line, key or option, exit code 2, no traceback, raised before any process is started, and it
 changes nothing that existed (rule 4).
 
-One table, real subprocesses (3 at a time). Every case asserts: exit code 2, no "Traceback",
+One table, each case a real process (forked, 2 at a time, from one that imported the CLI). Every case asserts: exit code 2, no "Traceback",
 at most 2 stderr lines, each expected fragment (the file / key / option) in stderr, and no
 output directory left behind; after the whole table, every file that existed before has the
 same sha256 and no new file or directory appeared in the inputs.
@@ -16,11 +16,10 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from recipe_helpers import DEMO, ROOT, config
+from recipe_helpers import DEMO, ROOT, cli_forked, config
 
 # name: (argv after `dist-adapters`, fragments stderr must hold, path that must not be created)
 # "{root}" is the fixture's directory of inputs; "--set" values are the recipe's.
@@ -181,20 +180,13 @@ def _inputs(root) -> None:
     (root / "qalora" / "adapter_config.json").write_text(json.dumps({**qalora, "use_qalora": True}))
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run([sys.executable, "-m", "dist_adapters.cli", *argv], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
     _inputs(root)
     before = _tree_hashes(root)
     argvs = {name: [a.replace("{root}", str(root)) for a in argv] for name, (argv, _, _) in CASES.items()}
-    with ThreadPoolExecutor(3) as pool:
-        results = dict(zip(argvs, pool.map(_run, argvs.values())))
+    results = cli_forked(argvs)
     return root, before, _tree_hashes(root), results
 
 

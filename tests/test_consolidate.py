@@ -24,7 +24,7 @@ from recipe_helpers import ROOT, cli
 
 LOGIT_TOL = 3e-6  # peft over the consolidated adapter vs the live engine; measured 1.8e-7 to 3.1e-7
 
-# (kind, adapter, extra args): one torchrun each, run two at a time by the fixture
+# (kind, adapter, extra args): the fixture runs them all in one torchrun
 RUNS = {
     "zero1-ours": ("zero", "ours", ["--stage", "1", "--tokens"]),
     "zero2-ours": ("zero", "ours", ["--stage", "2"]),
@@ -40,28 +40,26 @@ RUNS = {
     "fsdp1-ranks-ours": ("fsdp1-ranks", "ours", []),
     "fsdp1-ranks-peft": ("fsdp1-ranks", "peft", []),
     "fsdp1-local-peft": ("fsdp1-local", "peft", []),
+    # ~31M frozen parameters, 1 MB adapter: test_consolidation_memory_stays_near_the_adapter_size
+    "big-zero3-ours": ("zero", "ours", ["--stage", "3", "--vocab", "32000", "--hidden", "384", "--inter", "1024",
+                                        "--layers", "4", "--lora-rank", "16", "--steps", "1"]),
 }
-
-
-def _torchrun(out, kind, adapter, extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["DS_ACCELERATOR"] = "cpu"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "tests/dist/write_checkpoints.py", kind, adapter, str(out), *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
+    """All RUNS in one torchrun (2 ranks), one job after another: one start-up, one DeepSpeed import."""
     root = tmp_path_factory.mktemp("ckpts")
-    names, out = list(RUNS), {}
-    for i in range(0, len(names), 2):  # two launches (4 processes) at a time on 2 cores
-        procs = {n: _torchrun(root / n, *RUNS[n]) for n in names[i:i + 2]}
-        for name, proc in procs.items():
-            _, stderr = proc.communicate(timeout=600)
-            assert proc.returncode == 0, f"{name}: {stderr[-3000:]}"
-            out[name] = root / name
-    return out
+    argv = []
+    for name, (kind, adapter, extra) in RUNS.items():
+        argv += ["+"] * bool(argv) + [kind, adapter, str(root / name), *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["DS_ACCELERATOR"] = "cpu"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "tests/dist/write_checkpoints.py", *argv], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return {name: root / name for name in RUNS}
 
 
 def _peft_key(name: str) -> str:
@@ -418,15 +416,11 @@ def test_adapter_name_strip_prefix_and_fp16_options(tmp_path):
     assert "no adapter named 'nope'" in err and "'other'" in err, err
 
 
-def test_consolidation_memory_stays_near_the_adapter_size(tmp_path):
+def test_consolidation_memory_stays_near_the_adapter_size(ckpts, tmp_path):
     """A ZeRO-3 checkpoint of a Llama with ~31M frozen parameters (124 MB fp32 in the files) and a
     1 MB adapter: the consolidating process grows by about the adapter (the frozen tensors are
     never read) and stays below adapter + 250 MB (README, consolidate benchmark)."""
-    run = tmp_path / "big"
-    proc = _torchrun(run, "zero", "ours", ["--stage", "3", "--vocab", "32000", "--hidden", "384", "--inter", "1024",
-                                           "--layers", "4", "--lora-rank", "16", "--steps", "1"])
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
+    run = ckpts["big-zero3-ours"]
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child of this pytest
     # process would report pytest's own peak (measured: 519 MB for any consolidation)
     code = ("import re, sys; from dist_adapters.cli import main\n"

@@ -4,6 +4,7 @@ Every multi-process test starts real process managers (torchrun's elastic agent,
 launcher, OpenMPI's mpirun) and compares the trained adapter with a single node of 2 ranks."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import time
 import pytest
 
 from dist_adapters.launcher import LaunchError, LaunchSpec, command, discover, expand_nodelist, free_port, read_hostfile
-from recipe_helpers import DEMO, ROOT, cli, max_adapter_diff, small
+from recipe_helpers import DEMO, ROOT, cli, cli_forked, max_adapter_diff, small
 
 DDP = {"parallel.strategy": "ddp", "train.steps": 6}
 # Every launcher, node layout and restart runs the same ops in the same order: measured 0.0 each
@@ -65,7 +66,7 @@ def test_dry_run_prints_each_launchers_command(tmp_path):
     assert not list(tmp_path.glob("*.log"))  # nothing ran
 
 
-@pytest.mark.parametrize("text,message", [
+HOSTFILE_ERRORS = [
     ("node-a slots=0\n", r"hosts:1: slots must be an integer > 0, got '0'"),
     ("node-a slots=-2\n", r"hosts:1: slots must be an integer > 0, got '-2'"),
     ("\nnode-a slots=two\n", r"hosts:2: slots must be an integer > 0, got 'two'"),
@@ -74,18 +75,31 @@ def test_dry_run_prints_each_launchers_command(tmp_path):
     ("node-a gpus=2\n", r"hosts:1: unknown field 'gpus=2'"),
     ("node-a slots=1\nnode-a slots=1\n", r"hosts:2: host 'node-a' is listed twice"),
     ("# only a comment\n", r"lists no host"),
-])
+]
+
+
+@pytest.mark.parametrize("text,message", HOSTFILE_ERRORS)
 def test_hostfile_errors_name_file_and_line(tmp_path, text, message):
     (tmp_path / "hosts").write_text(text)
     with pytest.raises(LaunchError, match=message):
         read_hostfile(str(tmp_path / "hosts"))
-    res = launch("--dry-run", "--launcher", "mpirun", "--hostfile", str(tmp_path / "hosts"), "--", "x.py")
-    assert res.returncode == 2 and res.stderr.startswith("dist-adapters launch: error: ") and not res.stdout
-    assert not (tmp_path / "pwned").exists()
+
+
+def test_hostfile_errors_from_the_cli_are_one_line(tmp_path):
+    argvs = {}
+    for i, (text, _) in enumerate(HOSTFILE_ERRORS):
+        (tmp_path / f"hosts{i}").write_text(text)
+        argvs[str(i)] = ["launch", "--dry-run", "--launcher", "mpirun", "--hostfile", str(tmp_path / f"hosts{i}"),
+                         "--", "x.py"]
+    for i, res in cli_forked(argvs).items():
+        message = HOSTFILE_ERRORS[int(i)][1].replace("hosts:", f"hosts{i}:")
+        assert res.returncode == 2 and res.stderr.startswith("dist-adapters launch: error: ") and not res.stdout
+        assert re.search(message, res.stderr) and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "pwned").exists() and not os.path.exists(os.path.join(ROOT, "pwned"))
 
 
 def test_launch_option_errors():
-    for args, message in [
+    cases = [
         (["--nnodes", "2", "--", "x.py"], "--nnodes > 1 with torchrun needs --master-addr"),
         (["--launcher", "mpirun", "--max-restarts", "1", "--", "x.py"], "--max-restarts needs --launcher torchrun"),
         (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h", "--", "x.py"], "--node-rank must be in [0, 2)"),
@@ -102,8 +116,10 @@ def test_launch_option_errors():
          "--local-addr does not apply to --launcher mpirun"),
         (["--launcher", "srun", "--nnodes", "2", "--node-rank", "1", "--", "x.py"],
          "--node-rank does not apply to --launcher srun"),
-    ]:
-        res = launch("--dry-run", *args)
+    ]
+    results = cli_forked({" ".join(args): ["launch", "--dry-run", *args] for args, _ in cases})
+    for args, message in cases:
+        res = results[" ".join(args)]
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
         assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
 
@@ -111,12 +127,13 @@ def test_launch_option_errors():
 def test_recipe_launch_errors_name_the_key():
     from test_recipe import _one_line_error
 
-    _one_line_error(cli("train", DEMO, "--set", "launch.nnodes=2", "launch.node_rank=3", "launch.master_addr=h"),
-                    "launch.node_rank must be in [0, 2)")
-    _one_line_error(cli("train", DEMO, "--set", "launch.launcher=deepspeed", "launch.max_restarts=1"),
-                    "launch.max_restarts needs launch.launcher torchrun")
-    _one_line_error(cli("train", DEMO, "--set", "launch.hostfile=launch/hostfile.example"),
-                    "launch.hostfile does not apply to launch.launcher torchrun")
+    cases = {"launch.node_rank must be in [0, 2)": ["launch.nnodes=2", "launch.node_rank=3", "launch.master_addr=h"],
+             "launch.max_restarts needs launch.launcher torchrun": ["launch.launcher=deepspeed",
+                                                                     "launch.max_restarts=1"],
+             "launch.hostfile does not apply to launch.launcher torchrun": ["launch.hostfile=launch/hostfile.example"]}
+    results = cli_forked({message: ["train", DEMO, "--set", *sets] for message, sets in cases.items()})
+    for message, res in results.items():
+        _one_line_error(res, message)
 
 
 def test_rank_discovery_from_each_launcher(monkeypatch):
