@@ -15,7 +15,7 @@ from dist_adapters.layers.quantized import LoraQuantizedLinear, dequantized_weig
 from dist_adapters.recipe.quantization import load_quantized
 from helpers import LOGITS_TOL, input_ids, randomize_trainable, tiny_llama
 from equivalence import assert_equivalent
-from recipe_helpers import ADAMW_TOL, DEMO, adapter_tensors, cli, config, probed_run, small
+from recipe_helpers import ADAMW_TOL, DEMO, adapter_tensors, cli, cli_forked, config, probed_run, small
 from dist_adapters.recipe.train import train
 
 Q4 = {"bits": 4, "quant_type": "nf4", "compute_dtype": "float32", "quant_storage": "uint8", "double_quant": False}
@@ -212,12 +212,14 @@ def test_8bit_recipe_trains_and_loads_in_peft(tmp_path):
 def test_quantization_errors_name_the_key(tmp_path):
     from test_recipe import _one_line_error
 
-    _one_line_error(cli("train", DEMO, "--set", "model.quantization={bits: 3}"), "model.quantization.bits must be 4 or 8")
-    _one_line_error(cli("train", DEMO, "--set", "model.quantization={bitz: 4}"), "unknown key 'model.quantization.bitz'")
-    _one_line_error(cli("train", DEMO, "--set", "model.quantization={bits: 4}", "parallel.strategy=tp",
-                        "parallel.tp_size=2"),
-                    "model.quantization with parallel.strategy 'tp' is not supported; QLoRA runs under: none, ddp")
+    cases = {"model.quantization.bits must be 4 or 8": ["model.quantization={bits: 3}"],
+             "unknown key 'model.quantization.bitz'": ["model.quantization={bitz: 4}"],
+             "model.quantization with parallel.strategy 'tp' is not supported; QLoRA runs under: none, ddp":
+                 ["model.quantization={bits: 4}", "parallel.strategy=tp", "parallel.tp_size=2"]}
     for strategy in ("zero1", "zero2", "fsdp2_tp"):
-        _one_line_error(cli("train", DEMO, "--set", "model.quantization={bits: 4}", f"parallel.strategy={strategy}"),
-                        f"model.quantization with parallel.strategy '{strategy}' is not supported")
+        cases[f"model.quantization with parallel.strategy '{strategy}' is not supported"] = [
+            "model.quantization={bits: 4}", f"parallel.strategy={strategy}"]
+    results = cli_forked({message: ["train", DEMO, "--set", *sets] for message, sets in cases.items()})
+    for message, res in results.items():
+        _one_line_error(res, message)
 
