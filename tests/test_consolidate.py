@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
 import zipfile
@@ -442,3 +443,20 @@ def test_consolidation_memory_stays_near_the_adapter_size(ckpts, tmp_path):
     # measured 30.4 MB above the imports (42.7 MB in all): modules imported on the way, buffers, the
     # adapter; the frozen model states alone are 118 MB
     assert peak - before < 0.5 * frozen
+
+
+def test_zip_record_crc32_is_checked(ckpts, tmp_path):
+    """Issue 22: a flipped bit inside a ZeRO file's tensor record was read as data (the reader
+    memory-maps records); every record read is now checked against its zip CRC32, and one bit
+    in the adapter's fp32 partition is a one-line error naming the file and the record."""
+    src = tmp_path / "ckpt"
+    shutil.copytree(ckpts["zero2-ours"] / "ckpt", src)
+    optim = src / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    with zipfile.ZipFile(optim) as zf:  # the largest record: the fp32 partition and its moments
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(optim.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    raw[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x04
+    optim.write_bytes(bytes(raw))
+    err = _error(src, tmp_path, "--config", str(ckpts["zero2-ours"] / "adapter_config.json"))
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in err and "CRC32" in err and info.filename in err, err

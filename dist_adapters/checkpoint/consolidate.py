@@ -34,6 +34,7 @@ import numpy as np
 from ..config import CONFIG_NAME, LoraConfig, TrainableTokensConfig, config_from_dict, get_pattern_key, load_config
 from .allow_list import CheckpointError
 from .atomic import atomic_path
+from .manifest import check_files, tensor_manifest
 from ..names import PREFIX, WEIGHTS_NAME, module_of
 from .keys import AdapterKeys
 from .rank_files_reader import RankFilesCheckpoint, find_rank_files
@@ -46,6 +47,8 @@ def open_source(path: str, tag: Optional[str] = None):
     """The reader for ``path``; the checks run in order of how specific a layout is."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        check_files(path)  # a directory we wrote (checkpoints/step_N): every file's sha256
     if os.path.isdir(path) and (is_zero_dir(path) or (tag is not None and is_zero_dir(os.path.join(path, tag)))):
         return ZeroCheckpoint(path, tag)  # first: it needs no torch
     from .small_readers import FileSource, MegatronSource, PeftDirSource, is_megatron_dir, is_peft_dir
@@ -196,13 +199,15 @@ def _save(tensors: dict, path: str) -> None:
     if all(isinstance(t, np.ndarray) for t in tensors.values()):
         from safetensors.numpy import save_file
 
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata={"format": "pt"})
+        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        save_file(arrays, path, metadata={"format": "pt", **tensor_manifest(arrays)})
         return
     import torch
     from safetensors.torch import save_file
 
-    save_file({k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v.contiguous()
-               for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    plain = {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v.contiguous()
+             for k, v in tensors.items()}
+    save_file(plain, path, metadata={"format": "pt", **tensor_manifest(plain)})
 
 
 def _expert_rank(config, rank_dim) -> bool:

@@ -22,8 +22,8 @@ import os
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import CONFIG_NAME, LoraConfig, load_config
@@ -34,6 +34,7 @@ from ..names import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, clean_name, from_
 from ..parallel.access import adapter_params, base_tensor_refusal, full_shape, read_full, write_full
 from ..process_group import barrier, rank
 from .atomic import atomic_path
+from .manifest import check_tensors, tensor_manifest
 
 
 def _token_prefix(config) -> str:
@@ -104,7 +105,7 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
     if rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
         with atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt"})
+            save_file(tensors, tmp, metadata={"format": "pt", **tensor_manifest(tensors)})
         overrides = {"inference_mode": True}  # what peft records on save
         if config.task_type is None and config.auto_mapping is None:
             overrides["auto_mapping"] = _auto_mapping(inner)
@@ -114,14 +115,19 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
 
 
 def read_adapter_weights(directory: str) -> tuple[dict[str, torch.Tensor], str]:
-    """Tensors of a PEFT directory (safetensors, or .bin read with weights_only=True) and the file."""
+    """Tensors of a PEFT directory (safetensors, or .bin read with weights_only=True) and the file.
+    A safetensors file we wrote carries each tensor's sha256 (checkpoint/manifest.py): checked
+    here, a CheckpointError naming the key on a mismatch."""
     st_path = os.path.join(directory, WEIGHTS_NAME)
     bin_path = os.path.join(directory, LEGACY_WEIGHTS_NAME)
     if os.path.isfile(st_path):
         try:
-            return load_file(st_path), st_path
+            with safe_open(st_path, framework="pt") as fh:
+                metadata, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise ValueError(f"{st_path}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+        check_tensors(tensors, metadata, st_path)  # when written by us: every tensor's sha256
+        return tensors, st_path
     if os.path.isfile(bin_path):
         try:
             data = torch.load(bin_path, map_location="cpu", weights_only=True)

@@ -4,9 +4,10 @@
     optimizer.pt          optimizer state (tensors and numbers only; read with weights_only=True)
     rng_rank{r}.pt        each rank's torch RNG state (dropout masks continue exactly on resume)
     trainer_state.json    step, seed, world size, global batch: the data position is the step
+    manifest.json         sha256 of every other file, checked on resume (checkpoint/manifest.py)
 
 Every rank enters (rule 4 of docs/architecture.md). The directory is assembled under ``.step_N.partial`` and renamed
-to ``step_N`` only when complete, with ``trainer_state.json`` written last, so an interrupted
+to ``step_N`` only when complete, with ``trainer_state.json`` and the manifest written last, so an interrupted
 write never becomes the checkpoint a resume picks up and the previous one stays loadable.
 """
 
@@ -21,6 +22,7 @@ from typing import Optional
 import torch
 
 from ..checkpoint.atomic import atomic_write_text
+from ..checkpoint.manifest import MANIFEST_NAME, check_files, manifest_of
 from ..checkpoint.peft_format import load_adapter, save_adapter
 from ..process_group import barrier
 from .config import RecipeError
@@ -42,6 +44,8 @@ def save_checkpoint(root: str, step: int, engine, dist, meta: dict) -> str:
     if dist.is_main:
         atomic_write_text(os.path.join(partial, STATE_NAME),
                           json.dumps({"step": step, "world_size": dist.world_size, **meta}, indent=2) + "\n")
+        atomic_write_text(os.path.join(partial, MANIFEST_NAME),
+                          json.dumps({"files": manifest_of(partial)}, indent=2, sort_keys=True) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
     barrier()
@@ -105,8 +109,10 @@ def check_resumable(directory: str, strategy) -> dict:
 
 
 def load_checkpoint(directory: str, engine, dist) -> dict:
-    """Restore adapter, optimizer and (same world size) RNG; returns the trainer state."""
+    """Check every file against manifest.json, then restore adapter, optimizer and (same world
+    size) RNG; returns the trainer state."""
     state = read_state(directory)
+    check_files(directory)
     load_adapter(engine.model, os.path.join(directory, "adapter"))
     engine.load_optimizer(directory)
     rng = os.path.join(directory, f"rng_rank{dist.rank}.pt")
