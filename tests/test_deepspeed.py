@@ -56,13 +56,17 @@ def test_recipe_under_zero_with_sgd_equals_single_process(single_sgd_run, tmp_pa
 def test_zero_checkpoint_resumes(tmp_path_factory, tmp_path, stage, nproc):
     """At another world size the adapter's full Adam moments (adapter_optimizer.pt) restore the
     optimizer; at the same world size DeepSpeed's own load_checkpoint does: that file is removed
-    from the copy resumed here, so only DeepSpeed's checkpoint can supply the moments."""
+    from the copy resumed here (and from the copy's manifest), so only DeepSpeed's checkpoint can
+    supply the moments."""
     out = zero_run(stage, tmp_path_factory)
     ckpt = out / "checkpoints" / "step_2"
     if nproc == 2:
         shutil.copytree(ckpt, tmp_path / "step_2")
         ckpt = tmp_path / "step_2"
         (ckpt / "adapter_optimizer.pt").unlink()
+        manifest = json.loads((ckpt / "manifest.json").read_text())  # the copy's own, without that file
+        del manifest["files"]["adapter_optimizer.pt"]
+        (ckpt / "manifest.json").write_text(json.dumps(manifest))
     res = cli("train", DEMO, "--set", *small(tmp_path / "run", **{
         "parallel.strategy": stage, "launch.nproc_per_node": nproc, "train.resume_from": str(ckpt)}))
     assert res.returncode == 0, res.stderr[-3000:]
