@@ -60,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     loftq.add_argument("--quantizer", choices=["torch", "bnb"], default="torch",
                        help="nf quantizer: plain torch, or bitsandbytes' nf4 kernels (bits 4)")
     add_checkpoint_parsers(sub)
+    verify = sub.add_parser("verify", help="check that a saved adapter reproduces the model that trained it",
+                            description="Check every tensor against the sha256 recorded at save time "
+                                        "(verification.json), then load the base and the adapter in this "
+                                        "process, rerun the recorded probe batch and compare the logits with the "
+                                        "live model's. Exit 0 if all match, 1 naming what differs.")
+    verify.add_argument("path", metavar="PATH", help="a run directory, a checkpoints/step_N or a PEFT adapter "
+                                                     "directory saved by dist-adapters")
+    verify.add_argument("--base", default=None, metavar="BASE_DIR",
+                        help="the base model directory (default: the adapter's base_model_name_or_path)")
+    verify.add_argument("--atol", type=float, default=None,
+                        help="logits tolerance, times max(1, their RMS) (default by the base dtype: fp32 1e-4, "
+                             "bf16 5e-2, fp16 1e-2)")
+    _add_target(verify)
     return parser
 
 
@@ -99,6 +112,16 @@ def add_checkpoint_parsers(sub) -> None:
                       help="split a fused projection's LoRA into per-projection keys, e.g. "
                            "qkv_proj=q_proj:4096,k_proj:1024,v_proj:1024 (repeatable)")
     cons.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_target(cons)
+
+
+def _add_target(parser) -> None:
+    parser.add_argument("--target", choices=["vllm"], default=None,
+                        help="check what that serving engine accepts (rank, modules_to_save, embedding LoRA, "
+                             "trainable tokens, DoRA, bias) and say what to change; rules with their sources in "
+                             "dist_adapters/checkpoint/data/")
+    parser.add_argument("--max-lora-rank", type=int, default=None, metavar="N",
+                        help="with --target vllm: the --max-lora-rank vLLM will be started with (default 16)")
 
 
 def _number(text: str):
@@ -133,7 +156,8 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     done = consolidate(args.src, args.out, tag=args.tag, config=args.config, dtype=args.dtype,
                        adapter_name=args.adapter_name, strip_prefix=args.strip_prefix,
                        split=_parse_split(args.split), quiet=args.quiet, warn=warn, lora_alpha=args.lora_alpha,
-                       guess_alpha=args.guess_alpha, overwrite=args.overwrite)
+                       guess_alpha=args.guess_alpha, overwrite=args.overwrite, target=args.target,
+                       max_lora_rank=args.max_lora_rank)
     where = f", tag {done['tag']}" if done.get("tag") else ""
     print(f"{done['format']} ({done['world_size']} ranks{where}) -> {os.path.abspath(done['out'])}: "
           f"{done['tensors']} tensors, {done['bytes'] / 2**20:.2f} MiB, adapter {done['adapter_name']!r}, "
@@ -253,6 +277,22 @@ def _reporting_rank() -> bool:
     return implied.get("RANK", os.environ.get("RANK", "0")) == "0"
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 (all match), 1 (something differs: named), 2 (unreadable input: named)."""
+    from .checkpoint.allow_list import CheckpointError
+    from .verify_cmd import VerifyFailure, verify
+
+    try:
+        print(f"dist-adapters verify: OK: {verify(args.path, args.base, args.atol, args.target, args.max_lora_rank)}")
+        return 0
+    except VerifyFailure as exc:
+        print(f"dist-adapters verify: FAILED: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"dist-adapters verify: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint.allow_list import CheckpointError
 
@@ -261,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "verify":
+        return cmd_verify(args)
     if args.command in ("consolidate", "inspect"):  # offline tools: no launcher / torch import
         user_errors: tuple = (CheckpointError, FileNotFoundError, ValueError)
     else:
@@ -277,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except user_errors as exc:
         if _reporting_rank():
-            print(f"dist-adapters {args.command}: error: {exc}", file=sys.stderr)
+            print(f"dist-adapters {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
         print(f"dist-adapters {args.command}: interrupted", file=sys.stderr)

@@ -40,6 +40,9 @@ MEGATRON_SHARDS_NAME = "shards.json"  # per TP rank in a save_megatron_shards di
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 WRAPPER_CLASSES = frozenset({"DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "PipelineEngine",
                              "FullyShardedDataParallel"})
+# Wrappers whose own forward only adds gradient bookkeeping around ``.module``'s: a forward that
+# must not be collective (checkpoint/verification.py's probe) calls the module inside.
+FORWARD_THROUGH_MODULE = frozenset({"DistributedDataParallel", "DataParallel", "DeepSpeedEngine"})
 # Wrappers that hold the real model under another attribute (and add it to parameter names).
 WRAPPER_ATTRIBUTES = {"OptimizedModule": "_orig_mod", "CheckpointWrapper": "_checkpoint_wrapped_module"}
 # Packages whose classes an engine generates or puts around a model (FSDP2's ``FSDP<Model>``

@@ -64,10 +64,15 @@ def failing_parts(report: dict) -> list[str]:
 
 
 def assert_equivalent(run, reference, adapter_tol: float, label: str = "") -> dict:
+    """The three parts above, and (issue 22) ``dist-adapters verify`` of the run: its adapter's
+    hashes and the live sharded model's probe logits, reproduced in this single process."""
+    from dist_adapters.verify_cmd import verify
+
     report = equivalence_report(run, reference, adapter_tol)
     parts = ", ".join(f"{part} {measured:.2e} (tol {tol:.0e})" for part, (measured, tol) in report.items())
     print(f"{label}: {parts}")
     assert not failing_parts(report), (label, report)
+    print(f"{label}: verify: {verify(str(run))}")
     return report
 
 

@@ -460,3 +460,96 @@ def test_zip_record_crc32_is_checked(ckpts, tmp_path):
     optim.write_bytes(bytes(raw))
     err = _error(src, tmp_path, "--config", str(ckpts["zero2-ours"] / "adapter_config.json"))
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in err and "CRC32" in err and info.filename in err, err
+
+
+FUZZ_SOURCES = {  # name: (checkpoint, its adapter_config.json or None, whether the format has a checksum)
+    "zero2": (lambda c, r: c["zero2-ours"] / "ckpt", lambda c, r: c["zero2-ours"] / "adapter_config.json", True),
+    "fsdp1-ranks": (lambda c, r: c["fsdp1-ranks-ours"] / "ckpt",
+                    lambda c, r: c["fsdp1-ranks-ours"] / "adapter_config.json", True),
+    "recipe": (lambda c, r: r / "checkpoints" / "step_2", lambda c, r: None, True),
+    "dcp": (lambda c, r: c["dcp-ours"] / "ckpt", lambda c, r: c["dcp-ours"] / "adapter_config.json", False),
+}
+
+
+def _tensor_span(path, rng) -> tuple[int, int]:
+    """The bytes of one random tensor record of a torch zip or safetensors file (where a flip
+    changes a value rather than the structure); the whole file for other formats."""
+    raw = path.read_bytes()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            records = [i for i in zf.infolist() if "/data/" in i.filename and i.file_size]
+        if records:
+            info = records[rng.randrange(len(records))]
+            name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+            start = info.header_offset + 30 + name_len + extra_len
+            return start, start + info.file_size
+    if path.suffix == ".safetensors":
+        (n,) = struct.unpack("<Q", raw[:8])
+        return 8 + n, len(raw)
+    return 0, len(raw)
+
+
+def _mutate(src, dst, rng) -> str:
+    """Copy ``src`` to ``dst`` and damage one file: truncate it, or flip 1-8 bytes / zero a range,
+    half of the time inside one tensor's bytes (what a reader without a checksum takes as data)."""
+    shutil.copytree(src, dst)
+    files = sorted(p for p in dst.rglob("*") if p.is_file() and p.stat().st_size)
+    target = files[rng.randrange(len(files))]
+    raw = bytearray(target.read_bytes())
+    kind = rng.choice(["truncate", "flip", "zero"])
+    lo, hi = _tensor_span(target, rng) if rng.random() < 0.5 else (0, len(raw))
+    if kind == "truncate":
+        raw = raw[:rng.randrange(len(raw))]
+    elif kind == "flip":
+        for _ in range(rng.randint(1, 8)):
+            raw[rng.randrange(lo, hi)] ^= 1 << rng.randrange(8)
+    else:
+        start = rng.randrange(lo, hi)
+        end = min(hi, start + rng.randint(1, 4096))
+        raw[start:end] = bytes(end - start)
+    target.write_bytes(bytes(raw))
+    return f"{kind} {target.relative_to(dst)}" + (f" [{lo}:{hi}]" if (lo, hi) != (0, len(raw)) else "")
+
+
+def test_fuzzed_checkpoints_end_in_a_clear_error_or_the_clean_adapter(ckpts, single_run, tmp_path):
+    """Issue 22: 100 seeded mutations (25 per source) of ZeRO-2, FSDP1 per-rank, recipe and DCP
+    checkpoints of our own making, each converted as its own process. Every case ends in a
+    one-line error (exit 2, no traceback, nothing written) or in exactly the clean conversion;
+    none in a silently different adapter where the format has a checksum (ZeRO and FSDP1 files:
+    zip CRC32; recipe checkpoints: the sha256 manifests). DCP shards have none: their silent
+    cases are counted and printed (README, limits)."""
+    import random
+
+    from recipe_helpers import cli_forked
+
+    clean, argvs, what = {}, {}, {}
+    for name, (src_of, config_of, _) in FUZZ_SOURCES.items():
+        src, config = src_of(ckpts, single_run), config_of(ckpts, single_run)
+        extra = ["--config", str(config)] if config else []
+        clean[name], _ = _consolidate(src, tmp_path / f"clean_{name}", *extra)
+        rng = random.Random(f"fuzz-{name}")
+        for i in range(25):
+            case = f"{name}-{i}"
+            what[case] = _mutate(src, tmp_path / "src" / case, rng)
+            argvs[case] = ["consolidate", str(tmp_path / "src" / case), str(tmp_path / "out" / case), "--quiet", *extra]
+    results = cli_forked(argvs)
+    tally, silent = {"error": 0, "identical": 0, "silent": 0}, []
+    for case, res in sorted(results.items()):
+        name = case.rsplit("-", 1)[0]
+        out = tmp_path / "out" / case / "adapter_model.safetensors"
+        if res.returncode == 2:
+            assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, (case, what[case],
+                                                                                               res.stderr[-2000:])
+            assert not out.exists(), (case, what[case])
+            tally["error"] += 1
+            continue
+        assert res.returncode == 0, (case, what[case], res.returncode, res.stderr[-2000:])
+        got = load_file(out)
+        if sorted(got) == sorted(clean[name]) and all(torch.equal(got[k], clean[name][k]) for k in got):
+            tally["identical"] += 1
+            continue
+        assert not FUZZ_SOURCES[name][2], f"{case} ({what[case]}): a silently different adapter from a checksummed format"
+        tally["silent"] += 1
+        silent.append(f"{case}: {what[case]}")
+    print(f"fuzz: {len(results)} cases: {tally}; silent (DCP, no checksum): {silent}")
+    assert len(results) == 100 and tally["error"] >= 20

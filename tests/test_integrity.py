@@ -10,7 +10,6 @@ import shutil
 import struct
 
 import pytest
-import torch
 from safetensors import safe_open
 
 import dist_adapters as da

@@ -135,7 +135,7 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         da.save_adapter(model, str(tmp_path))
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "verification.json"]
 
 
 def test_library_never_imports_peft():

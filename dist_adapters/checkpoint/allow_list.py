@@ -13,6 +13,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read as it is; the message names the file (and key)."""
 
 
+def brief(exc: BaseException) -> str:
+    """An exception's message for a one-line error: torch's weights-only refusal reduced to its
+    reason (the rest is advice about ``weights_only=False``, which we never take), whitespace
+    collapsed."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = "weights-only unpickler: " + text.split("WeightsUnpickler error:", 1)[1].split("Check the doc")[0]
+    return " ".join(text.split())[:300]
+
+
 class _Inert:
     """Stand-in for an allow-listed DeepSpeed object: keeps its pickled attributes, nothing else."""
 

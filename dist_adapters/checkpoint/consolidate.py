@@ -34,6 +34,7 @@ import numpy as np
 from ..config import CONFIG_NAME, LoraConfig, TrainableTokensConfig, config_from_dict, get_pattern_key, load_config
 from .allow_list import CheckpointError
 from .atomic import atomic_path
+from . import serving
 from .manifest import check_files, tensor_manifest
 from ..names import PREFIX, WEIGHTS_NAME, module_of
 from .keys import AdapterKeys
@@ -304,10 +305,12 @@ def _check_out(out: str, overwrite: bool) -> None:
 def consolidate(src: str, out: str, *, tag: Optional[str] = None, config: Optional[str] = None,
                 dtype: Optional[str] = None, adapter_name: Optional[str] = None, strip_prefix: str = "",
                 split: Optional[dict] = None, quiet: bool = False, warn=None, lora_alpha: Optional[float] = None,
-                guess_alpha: bool = False, overwrite: bool = False) -> dict:
+                guess_alpha: bool = False, overwrite: bool = False, target: Optional[str] = None,
+                max_lora_rank: Optional[int] = None) -> dict:
     """Write the PEFT directory ``out`` from the checkpoint ``src``; returns a summary. ``out``
     must not exist (or be empty) unless ``overwrite``; ``lora_alpha`` / ``guess_alpha``: see
-    ``infer_config``."""
+    ``infer_config``; ``target`` ("vllm"): refuse, naming each change, what that engine would not
+    serve (checkpoint/serving.py; ``max_lora_rank`` as it would be started with)."""
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
@@ -326,6 +329,8 @@ def consolidate(src: str, out: str, *, tag: Optional[str] = None, config: Option
     check_shapes(tensors, cfg, origin)
     if split:
         tensors, cfg = split_fused(tensors, cfg, split)
+    if target is not None:
+        serving.check(target, cfg.to_dict(), tensors, max_lora_rank)
     os.makedirs(out, exist_ok=True)
     with atomic_path(os.path.join(out, WEIGHTS_NAME)) as tmp:
         _save(tensors, tmp)

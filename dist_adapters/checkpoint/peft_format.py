@@ -35,6 +35,8 @@ from ..parallel.access import adapter_params, base_tensor_refusal, full_shape, r
 from ..process_group import barrier, rank
 from .atomic import atomic_path
 from .manifest import check_tensors, tensor_manifest
+from .verification import record
+from .verification import write as write_verification
 
 
 def _token_prefix(config) -> str:
@@ -80,16 +82,21 @@ def _auto_mapping(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
-                 convert_from: Optional[str] = None) -> str:
+                 convert_from: Optional[str] = None, engine: Optional[str] = None) -> str:
     """Write a PEFT directory; a non-default adapter goes to ``path/<adapter_name>`` as peft does.
 
     ``convert_from``: the PEFT directory of this PiSSA / OLoRA adapter at its start (as peft's
     ``path_initial_model_for_weight_conversion``): writes instead the plain LoRA of rank 2r that
     gives the trained model on the original base (``init/pissa.py: convert_to_lora``).
 
-    Collective-safe: every rank computes the state dict, only rank 0 writes; the weights file is
-    written first and the config last, each atomically, so a directory with a config is complete.
-    Returns the directory written.
+    Also writes ``verification.json`` (checkpoint/verification.py): every tensor's sha256 and,
+    when this is the model's only adapter, the live model's logits on a fixed probe batch, which
+    ``dist-adapters verify`` reproduces in a fresh process. ``engine``: how the model runs, for
+    that record (the recipe passes its strategy; default: told from the wrappers).
+
+    Collective-safe: every rank computes the state dict and runs the probe, only rank 0 writes;
+    the weights file is written first and the config last, each atomically, so a directory with
+    a config is complete. Returns the directory written.
     """
     inner = unwrap(model)
     config = get_config(inner, adapter_name)
@@ -102,10 +109,13 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
         tensors = convert_to_lora(tensors, read_adapter_weights(convert_from)[0])
         config = converted_config(config)
     out_dir = path if adapter_name == "default" else os.path.join(path, adapter_name)
+    probe = convert_from is None and len(adapter_configs(inner)) == 1  # the logits are this adapter's alone
+    verification = record(model, tensors, engine, probe, config.base_model_name_or_path)
     if rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
         with atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt", **tensor_manifest(tensors)})
+        write_verification(out_dir, verification)
         overrides = {"inference_mode": True}  # what peft records on save
         if config.task_type is None and config.auto_mapping is None:
             overrides["auto_mapping"] = _auto_mapping(inner)

@@ -28,14 +28,14 @@ from typing import Any
 
 import torch
 
-from .allow_list import DEEPSPEED_CLASSES, CheckpointError  # noqa: F401 (re-exported)
+from .allow_list import DEEPSPEED_CLASSES, CheckpointError, brief  # noqa: F401 (re-exported)
 
 
 _SAFE_GLOBALS = [(cls, name) for name, cls in DEEPSPEED_CLASSES.items()]
 
 
 def _open_error(path: str, exc: Exception) -> CheckpointError:
-    return CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {exc}")
+    return CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {brief(exc)}")
 
 
 def unsafe_globals(path: str) -> list[str]:
@@ -64,7 +64,7 @@ def load_torch(path: str, mmap: bool = True) -> Any:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused by the weights-only unpickler: {exc}") from exc
+        raise CheckpointError(f"{path}: refused by the weights-only unpickler: {brief(exc)}") from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise _open_error(path, exc) from exc
 
@@ -74,7 +74,7 @@ def load_tensor_bytes(data: bytes, where: str) -> torch.Tensor:
     try:
         value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
-        raise CheckpointError(f"{where}: not a readable tensor (truncated or corrupt?): {exc}") from exc
+        raise CheckpointError(f"{where}: not a readable tensor (truncated or corrupt?): {brief(exc)}") from exc
     if not isinstance(value, torch.Tensor):
         raise CheckpointError(f"{where}: expected a tensor, found {type(value).__name__}")
     return value
@@ -123,4 +123,4 @@ def load_dcp_metadata(path: str) -> Any:
     except CheckpointError:
         raise
     except Exception as exc:  # EOFError, UnpicklingError, ... from a torn file
-        raise CheckpointError(f"{path}: not a readable DCP metadata file (truncated or corrupt?): {exc}") from exc
+        raise CheckpointError(f"{path}: not a readable DCP metadata file (truncated or corrupt?): {brief(exc)}") from exc

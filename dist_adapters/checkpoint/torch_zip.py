@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .allow_list import DEEPSPEED_CLASSES, CheckpointError
+from .allow_list import DEEPSPEED_CLASSES, CheckpointError, brief
 
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
@@ -265,4 +265,4 @@ def load(path: str, sharded: bool = False) -> Any:
     except CheckpointError:
         raise
     except Exception as exc:  # EOFError, UnpicklingError, zlib/CRC errors from a torn file
-        raise CheckpointError(f"{path}: could not read its pickle (truncated or corrupt?): {exc}") from exc
+        raise CheckpointError(f"{path}: could not read its pickle (truncated or corrupt?): {brief(exc)}") from exc

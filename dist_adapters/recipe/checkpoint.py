@@ -37,7 +37,7 @@ def save_checkpoint(root: str, step: int, engine, dist, meta: dict) -> str:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     barrier()
-    save_adapter(engine.model, os.path.join(partial, "adapter"))
+    save_adapter(engine.model, os.path.join(partial, "adapter"), engine=meta.get("strategy"))
     engine.save_optimizer(partial)
     torch.save(torch.get_rng_state(), os.path.join(partial, f"rng_rank{dist.rank}.pt"))
     barrier()

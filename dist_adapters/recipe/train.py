@@ -349,7 +349,7 @@ def _train(cfg: dict, dist: DistInfo, run_data: RunData, tqdm) -> dict:
     finally:
         if metrics is not None:
             metrics.close()
-    adapter_dir = save_adapter(engine.model, os.path.join(out, "adapter"))
+    adapter_dir = save_adapter(engine.model, os.path.join(out, "adapter"), engine=cfg["parallel"]["strategy"])
     if dist.is_main:
         from .plot import plot_loss
 
