@@ -112,6 +112,12 @@ def add_checkpoint_parsers(sub) -> None:
                       help="split a fused projection's LoRA into per-projection keys, e.g. "
                            "qkv_proj=q_proj:4096,k_proj:1024,v_proj:1024 (repeatable)")
     cons.add_argument("--quiet", action="store_true", help="no progress bar")
+    cons.add_argument("--verify", action="store_true",
+                      help="then load OUT onto the base in this process: against the live model's record when "
+                           "SRC is ours, else check it loads, gives finite logits and changes them; writes "
+                           "OUT/verification.json (see dist-adapters verify)")
+    cons.add_argument("--base", default=None, metavar="BASE_DIR",
+                      help="with --verify: the base model (default: base_model_name_or_path of the config)")
     _add_target(cons)
 
 
@@ -164,6 +170,14 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
           f"config: {done['config']}")
     if done["other_adapters"]:
         print(f"also in the checkpoint (not written): adapters {done['other_adapters']}")
+    if args.verify:
+        from .verify_cmd import VerifyFailure, verify_converted
+
+        try:
+            print(f"verify: OK: {verify_converted(args.out, args.src, args.base, done['format'])}")
+        except VerifyFailure as exc:
+            print(f"dist-adapters consolidate: verify FAILED: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -148,3 +148,62 @@ def verify(path: str, base: Optional[str] = None, atol: Optional[float] = None, 
     return (f"{count} tensors match their sha256; probe logits {record['logits']['shape']} match the live model "
             f"(max |diff| {worst:.2g} over {len(record['logits']['samples'])} samples, sum of squares rel. "
             f"{rel_sq:.1g}); {where}")
+
+
+def verify_converted(out: str, src: str, base: Optional[str], fmt: str) -> str:
+    """``consolidate --verify``: check OUT against the base in this process. A source of ours
+    carries the live model's record (``verification.json`` in its adapter directory): OUT must
+    reproduce it. Any other source has none: OUT must load onto the base (every key a module of
+    it, every shape its shape), give finite logits on the probe and change them (an all-zero
+    adapter, such as an empty ZeRO-3 gather, changes nothing); its own record is then written
+    so that ``verify OUT`` reproduces this conversion later."""
+    import shutil
+
+    import torch
+
+    from .checkpoint.manifest import tensor_sha256
+    from .checkpoint.peft_format import read_adapter_weights
+    from .checkpoint.verification import VERIFICATION_NAME, logits_record, probe_ids, write
+
+    theirs = next((os.path.join(d, VERIFICATION_NAME) for d in (src, os.path.join(src, "adapter"))
+                   if os.path.isfile(os.path.join(d, VERIFICATION_NAME))), None)
+    if theirs is not None:
+        shutil.copyfile(theirs, os.path.join(out, VERIFICATION_NAME))
+        return verify(out, base)
+    base = base or _config_base(out)
+    if not base or not os.path.isdir(base):
+        raise FileNotFoundError(f"--verify needs the base model: pass --base BASE_DIR (got {base!r})")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from .checkpoint.peft_format import load_adapter
+    from .control import disabled
+
+    hf_logging.disable_progress_bar()
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(base), out).eval()
+    ids = probe_ids(model.config.vocab_size)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        with disabled(model):
+            plain = model(input_ids=ids).logits
+    if not torch.isfinite(logits).all():
+        raise VerifyFailure(f"{out}: the adapter gives non-finite logits on the probe")
+    change = (logits - plain).abs().max().item()
+    if change == 0.0:
+        raise VerifyFailure(f"{out}: the adapter does not change the base model's logits at all (every lora_B "
+                            "zero: an empty or never-trained adapter?)")
+    tensors, _ = read_adapter_weights(out)
+
+    write(out, {"format": 1, "tensors": {k: tensor_sha256(v) for k, v in sorted(tensors.items())}, "world_size": 1,
+                "engine": f"consolidated from {fmt}", "base_model_name_or_path": base,
+                "base_dtype": str(model.dtype).removeprefix("torch."), "quantization": None,
+                "probe": {"input_ids": ids.tolist()}, "logits": logits_record(logits)})
+    return (f"{len(tensors)} tensors load onto {base}; the probe's logits are finite and move by up to {change:.3g} "
+            f"from the base; recorded in {os.path.join(out, VERIFICATION_NAME)} (no live-model record in {fmt})")
+
+
+def _config_base(out: str) -> Optional[str]:
+    from .config import CONFIG_NAME
+
+    with open(os.path.join(out, CONFIG_NAME), encoding="utf-8") as fh:
+        return json.load(fh).get("base_model_name_or_path")

@@ -22,6 +22,9 @@ from recipe_helpers import adapter_tensors
 
 # measured 0 to 9e-8 relative for every strategy (issue 15 asks for 1e-5 at most)
 METRIC_RTOL = 1e-6
+# verify's probe logits, the live sharded model vs one fresh process: measured 0 (QLoRA) to 2e-6
+# on every strategy's recipe run (the CLI's fp32 default, 1e-4, leaves room for real models)
+VERIFY_ATOL = 2e-5
 
 
 def metrics(run_dir) -> list[dict]:
@@ -72,7 +75,7 @@ def assert_equivalent(run, reference, adapter_tol: float, label: str = "") -> di
     parts = ", ".join(f"{part} {measured:.2e} (tol {tol:.0e})" for part, (measured, tol) in report.items())
     print(f"{label}: {parts}")
     assert not failing_parts(report), (label, report)
-    print(f"{label}: verify: {verify(str(run))}")
+    print(f"{label}: verify: {verify(str(run), atol=VERIFY_ATOL)}")
     return report
 
 

@@ -553,3 +553,26 @@ def test_fuzzed_checkpoints_end_in_a_clear_error_or_the_clean_adapter(ckpts, sin
         silent.append(f"{case}: {what[case]}")
     print(f"fuzz: {len(results)} cases: {tally}; silent (DCP, no checksum): {silent}")
     assert len(results) == 100 and tally["error"] >= 20
+
+
+def test_consolidate_verify(ckpts, single_run, tmp_path):
+    """Issue 22, `consolidate --verify`: a source of ours is checked against its live-model record;
+    a DeepSpeed checkpoint (no record) must load onto the base, give finite logits and change
+    them, and gets a record that `verify OUT` then reproduces; an all-zero adapter (an empty
+    gather) is refused."""
+    run = ckpts["zero2-ours"]
+    res = cli("consolidate", str(run / "ckpt"), str(tmp_path / "zero"), "--quiet", "--verify", "--base",
+              str(run / "base_model"))
+    assert res.returncode == 0 and "verify: OK" in res.stdout and "move by up to" in res.stdout, res.stderr[-2000:]
+    assert cli("verify", str(tmp_path / "zero")).returncode == 0
+    res = cli("consolidate", str(single_run / "checkpoints" / "step_2"), str(tmp_path / "ours"), "--quiet", "--verify")
+    assert res.returncode == 0 and "match the live model" in res.stdout, res.stderr[-2000:]
+    zeros = {k.removeprefix("base_model.model.").replace(".weight", ".default.weight"):  # a training script's names
+             torch.zeros_like(v) if "lora_B" in k else v
+             for k, v in load_file(tmp_path / "zero" / "adapter_model.safetensors").items()}
+    from safetensors.torch import save_file
+
+    save_file(zeros, tmp_path / "empty.safetensors")
+    res = cli("consolidate", str(tmp_path / "empty.safetensors"), str(tmp_path / "empty"), "--quiet", "--verify",
+              "--config", str(run / "adapter_config.json"), "--base", str(run / "base_model"))
+    assert res.returncode == 1 and "does not change the base model's logits" in res.stderr, res.stderr[-2000:]

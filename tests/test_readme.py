@@ -76,6 +76,14 @@ TESTED_BY = {
         "tests/test_consolidate.py::test_split_fused_projection",
     "python -m torch.distributed.run --standalone --nproc_per_node 2 examples/deepspeed_consolidate.py --out runs/ds":
         "tests/test_examples.py::test_deepspeed_checkpoint_consolidated_after_the_run",
+    "dist-adapters verify runs/demo": "tests/test_verify.py::test_verify_a_run_a_checkpoint_and_an_adapter_with_its_base",
+    "dist-adapters verify runs/demo/checkpoints/step_10":
+        "tests/test_verify.py::test_verify_a_run_a_checkpoint_and_an_adapter_with_its_base",
+    "dist-adapters verify out/adapter --base path/to/model":
+        "tests/test_verify.py::test_verify_a_run_a_checkpoint_and_an_adapter_with_its_base",
+    "dist-adapters verify runs/demo --target vllm": "tests/test_serving.py::test_the_cli_refuses_and_names_the_fix",
+    "dist-adapters consolidate output/checkpoint-500 out/adapter --target vllm --max-lora-rank 64":
+        "tests/test_serving.py::test_the_cli_refuses_and_names_the_fix",
     "dist-adapters loftq path/to/model out/loftq --bits 4 --rank 16 --iters 5":
         "tests/test_loftq.py::test_cli_loftq_end_to_end_loads_in_peft",
     "dist-adapters train configs/qlora.yaml": "tests/test_loftq.py::test_recipe_loftq_qlora_starts_closer_and_loads_in_peft",

@@ -136,7 +136,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     train(config(tmp_path / "full"))
     train(config(tmp_path / "half", **{"train.steps": 2, "train.resume_from": "auto"}))
     ckpt = tmp_path / "half" / "checkpoints" / "step_2"
-    assert sorted(os.listdir(ckpt)) == ["adapter", "manifest.json", "optimizer.pt", "rng_rank0.pt", "trainer_state.json"]
+    assert sorted(os.listdir(ckpt)) == ["adapter", "dcp", "manifest.json", "optimizer.pt", "rng_rank0.pt",
+                                        "trainer_state.json"]
     train(config(tmp_path / "resumed", **{"train.resume_from": str(ckpt)}))
     train(config(tmp_path / "half", **{"train.resume_from": "auto"}))  # continues the same directory
     for name in ("resumed", "half"):

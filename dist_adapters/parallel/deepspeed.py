@@ -29,7 +29,7 @@ from torch import nn
 
 from ..names import clean_name
 from . import access
-from .engine import Engine, EngineConfig, MakeOptimizer
+from .engine import NEUTRAL_DIR, Engine, EngineConfig, MakeOptimizer
 
 # The defaults of parallel.deepspeed_config: null (configs/zero{1,2,3}.json hold the same).
 DEFAULT_CONFIGS = {
@@ -183,17 +183,54 @@ class ZeroEngine(Engine):
         step = next((float(st["step"]) for st in inner.state.values() if "step" in st), 0.0)
         if self.dist.is_main:
             torch.save({"step": step, "moments": moments}, os.path.join(directory, "adapter_optimizer.pt"))
+        self._save_neutral(directory, moments, step)
 
-    def load_optimizer(self, directory: str) -> None:
+    def _save_neutral(self, directory: str, moments: dict, step: float) -> None:
+        """The engine-neutral ``dcp/`` (engine.save_neutral_state's layout, which any strategy
+        reads): full fp32 adapter and moments under the parameter names, the optimizer's
+        hyperparameters as a torch optimizer's state_dict holds them. Replicated on every rank;
+        DCP keeps one copy."""
+        import torch.distributed.checkpoint as dcp
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        trainable = self._trainable()
+        model_sd = {name: safe_get_full_fp32_param(p).detach().cpu().clone() for name, p in trainable}
+        hyper = {k: v for k, v in self.optimizer.optimizer.param_groups[0].items() if k != "params"}
+        state = {name: {"step": torch.tensor(step), **moments[name]} for name, _ in trainable if moments[name]}
+        optim_sd = {"state": state, "param_groups": [{**hyper, "params": [name for name, _ in trainable]}]}
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, NEUTRAL_DIR))
+
+    def load_optimizer(self, directory: str, neutral: bool = False) -> None:
+        """Same strategy and world size: DeepSpeed's own checkpoint; another world size under
+        ZeRO: ``adapter_optimizer.pt``; another strategy (``neutral``): the neutral ``dcp/``."""
         with open(os.path.join(directory, "trainer_state.json"), encoding="utf-8") as fh:
-            saved_world = json.load(fh).get("world_size")
-        if saved_world == self.dist.world_size:
+            saved = json.load(fh)
+        if not neutral and saved.get("world_size") == self.dist.world_size:
             path = os.path.join(directory, "deepspeed")
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"{directory}: no deepspeed/ checkpoint (written by a zero* strategy)")
             self.model.load_checkpoint(path, tag="state", load_module_strict=False)
             return
-        self._load_moments(os.path.join(directory, "adapter_optimizer.pt"))
+        ours = os.path.join(directory, "adapter_optimizer.pt")
+        if not neutral and os.path.isfile(ours):
+            data = torch.load(ours, map_location="cpu", weights_only=True)
+            return self._set_moments(data["moments"], data["step"], ours)
+        self._load_neutral(directory)
+
+    def _load_neutral(self, directory: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        keys = self._moment_keys()
+        if not keys:
+            return  # plain SGD: no state
+        trainable = self._trainable()
+        state = {name: {"step": torch.zeros(()), **{k: torch.empty(tuple(getattr(p, "ds_shape", p.shape)))
+                                                    for k in keys}} for name, p in trainable}
+        dest = {"optim": {"state": state}}
+        dcp.load(dest, checkpoint_id=os.path.join(directory, NEUTRAL_DIR))
+        step = float(next(iter(state.values()))["step"]) if state else 0.0
+        self._set_moments({n: {k: v for k, v in st.items() if k != "step"} for n, st in state.items()}, step,
+                          os.path.join(directory, NEUTRAL_DIR))
 
     def _map_states(self) -> None:
         """Make the full-state accessors work: Adam's state exists for every flat fp32 partition
@@ -214,20 +251,19 @@ class ZeroEngine(Engine):
                     if getattr(lp, "_hp_mapping", None) is not None:
                         lp._hp_mapping.set_optim_state_fragment(flat, inner.state[flat])
 
-    def _load_moments(self, path: str) -> None:
-        """Another world size: DeepSpeed's partitions do not fit; set the full moments instead
-        (the fp32 master weights were set when the adapter was loaded)."""
+    def _set_moments(self, moments: dict, step: float, path: str) -> None:
+        """Another world size or strategy: DeepSpeed's partitions do not fit; set the full moments
+        instead (the fp32 master weights were set when the adapter was loaded)."""
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        data = torch.load(path, map_location="cpu", weights_only=True)
         inner = self.optimizer.optimizer
         if not self._moment_keys():
             return  # plain SGD: no state
         self._map_states()
         for name, p in self._trainable():
-            if name not in data["moments"]:
+            if name not in moments:
                 raise ValueError(f"{path}: no optimizer state for {name!r}")
-            for key, value in data["moments"][name].items():
+            for key, value in moments[name].items():
                 safe_set_full_optimizer_state(p, value.to(p.device), key)
         for state in inner.state.values():
-            state["step"] = torch.tensor(data["step"])
+            state["step"] = torch.tensor(step)

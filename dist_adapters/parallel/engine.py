@@ -89,14 +89,55 @@ class Engine:
         return norm.item()
 
     def save_optimizer(self, directory: str) -> None:
-        """Called on every rank; this engine's state is replicated, so rank 0 writes it."""
+        """Called on every rank: this engine's replicated state (rank 0 writes ``optimizer.pt``)
+        and the engine-neutral ``dcp/`` that any strategy resumes from."""
         if self.dist.is_main:
             torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        save_neutral_state(self.model, self.optimizer, directory)
 
-    def load_optimizer(self, directory: str) -> None:
+    def load_optimizer(self, directory: str, neutral: bool = False) -> None:
+        """``neutral``: the checkpoint was written by another strategy or world size; read its
+        ``dcp/`` then, or its whole ``optimizer.pt`` where it has only that (ep, fsdp2_ep)."""
         path = os.path.join(directory, "optimizer.pt")
+        if not os.path.isfile(path) or (neutral and os.path.isdir(os.path.join(directory, NEUTRAL_DIR))):
+            return load_neutral_state(self.model, self.optimizer, directory)
         state = torch.load(path, map_location=self.dist.device, weights_only=True)
         self.optimizer.load_state_dict(state)
+
+
+NEUTRAL_DIR = "dcp"
+
+
+def save_neutral_state(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> None:
+    """The engine-neutral layout of a checkpoint's training state: the adapter and the optimizer
+    state keyed by parameter names (wrappers stripped: ``model.layers.0.self_attn.q_proj.lora_A.
+    default.weight``), as a torch.distributed.checkpoint in ``directory/dcp``. Every rank
+    writes its shards (DTensor / FSDP1 flat parameters) or, for replicated tensors, DCP keeps
+    one copy. Any strategy at any world size reads it back (``load_neutral_state``; ZeRO
+    through ``deepspeed.NeutralState``): DCP reshards on load."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, NEUTRAL_DIR))
+
+
+def load_neutral_state(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    path = os.path.join(directory, NEUTRAL_DIR)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{directory}: no {NEUTRAL_DIR}/ (the engine-neutral state every strategy writes "
+                                "since issue 22)")
+    opts = StateDictOptions(ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    # strict=False: the frozen base is not in the checkpoint (the adapter also comes from
+    # adapter/, loaded with key and shape checks by load_adapter before this)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 def sharded_grad_norm(parameters: Iterable[nn.Parameter], device: torch.device) -> torch.Tensor:
@@ -127,26 +168,9 @@ class ShardedEngine(Engine):
         return sharded_grad_norm(self.trainable_parameters(), self.dist.device)
 
     def save_optimizer(self, directory: str) -> None:
-        """Adapter and optimizer as a torch.distributed.checkpoint (every rank writes its shards)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        """Only the engine-neutral ``dcp/``: it is this engine's own layout too (every rank
+        writes its shards; resharded on load)."""
+        save_neutral_state(self.model, self.optimizer, directory)
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer,
-                                            options=StateDictOptions(ignore_frozen_params=True))
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{directory}/dcp")
-
-    def load_optimizer(self, directory: str) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-
-        if not os.path.isdir(f"{directory}/dcp"):
-            raise FileNotFoundError(f"{directory}: no dcp/ checkpoint (written by an fsdp1 / fsdp2 / tp run)")
-        opts = StateDictOptions(ignore_frozen_params=True)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=f"{directory}/dcp")
-        # strict=False: the frozen base is not in the checkpoint (the adapter also comes from
-        # adapter/, loaded with key and shape checks by load_adapter before this)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"],
-                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    def load_optimizer(self, directory: str, neutral: bool = False) -> None:
+        load_neutral_state(self.model, self.optimizer, directory)

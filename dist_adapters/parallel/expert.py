@@ -291,7 +291,9 @@ class ExpertParallelEngine(Engine):
             groups = self.optimizer.state_dict()["param_groups"]
             torch.save({"state": state, "param_groups": groups}, os.path.join(directory, "optimizer.pt"))
 
-    def load_optimizer(self, directory: str) -> None:
+    def load_optimizer(self, directory: str, neutral: bool = False) -> None:
+        """Expert-parallel checkpoints only (``optimizer.pt`` by parameter order): the neutral
+        layout does not hold the expert states' placements yet."""
         saved = torch.load(os.path.join(directory, "optimizer.pt"), map_location=self.dist.device, weights_only=True)
         params = self._ordered()
         if len(saved["state"]) > len(params):

@@ -1,8 +1,11 @@
 """Training checkpoints: ``OUTPUT/checkpoints/step_N/``.
 
     adapter/              the PEFT directory at step N (loads in peft as it is)
-    optimizer.pt          optimizer state (tensors and numbers only; read with weights_only=True)
+    optimizer.pt          optimizer state of none / ddp / ep (tensors and numbers only; weights_only=True)
     rng_rank{r}.pt        each rank's torch RNG state (dropout masks continue exactly on resume)
+    dcp/                  engine-neutral adapter + optimizer state by parameter name (every strategy but
+                          ep / fsdp2_ep writes it and reads it: resume under any strategy and world size)
+    deepspeed/ ...        an engine's own files, kept for same-engine resume (ZeRO)
     trainer_state.json    step, seed, world size, global batch: the data position is the step
     manifest.json         sha256 of every other file, checked on resume (checkpoint/manifest.py)
 
@@ -100,6 +103,7 @@ def check_resumable(directory: str, strategy) -> dict:
 
     state = read_state(directory)
     if not any(os.path.exists(os.path.join(directory, name)) for name in strategy.optimizer_state):
+        # a checkpoint from before the neutral layout, or an expert-parallel one read elsewhere
         written = state.get("strategy", "another strategy")
         readers = ", ".join(n for n, s in STRATEGIES.items() if s.optimizer_state == strategy.optimizer_state)
         raise RecipeError(f"train.resume_from {directory!r} was written under parallel.strategy {written!r}; "
@@ -108,13 +112,16 @@ def check_resumable(directory: str, strategy) -> dict:
     return state
 
 
-def load_checkpoint(directory: str, engine, dist) -> dict:
+def load_checkpoint(directory: str, engine, dist, strategy: str) -> dict:
     """Check every file against manifest.json, then restore adapter, optimizer and (same world
-    size) RNG; returns the trainer state."""
+    size) RNG; returns the trainer state. A checkpoint of another strategy or world size is
+    read through the engine-neutral layout (``dcp/``: parameter names, DCP resharding); the
+    adapter is PEFT's, the data position is the step, the schedule follows the step."""
     state = read_state(directory)
     check_files(directory)
     load_adapter(engine.model, os.path.join(directory, "adapter"))
-    engine.load_optimizer(directory)
+    neutral = state.get("strategy", strategy) != strategy or state.get("world_size") != dist.world_size
+    engine.load_optimizer(directory, neutral=neutral)
     rng = os.path.join(directory, f"rng_rank{dist.rank}.pt")
     if state.get("world_size") == dist.world_size and os.path.isfile(rng):
         torch.set_rng_state(torch.load(rng, weights_only=True))

@@ -301,7 +301,7 @@ def _train(cfg: dict, dist: DistInfo, run_data: RunData, tqdm) -> dict:
     start = 0
     source = resume_source(cfg)
     if source:
-        start = load_checkpoint(source, engine, dist)["step"]
+        start = load_checkpoint(source, engine, dist, cfg["parallel"]["strategy"])["step"]
         if dist.is_main:
             print(f"resuming from {source} (step {start})", flush=True)
     metrics_path = os.path.join(out, "metrics.jsonl")

@@ -10,12 +10,16 @@ After the adapter is injected, forward hooks record on every rank:
   dropout and transformers' activation checkpointing);
 - ``base_dtypes``: the dtypes of the first adapted Linear's base weight and output while it ran
   (FSDP mixed precision computes in its param_dtype over fp32 shards).
-Rank 0 writes them to RESULT_JSON when the run ends. The library knows nothing of this.
+Forwards without gradients (the save-time verification probe of checkpoint/verification.py)
+are not counted. Rank 0 writes them to RESULT_JSON when the run ends. The library knows nothing
+of this.
 """
 
 import json
 import os
 import sys
+
+import torch
 
 from dist_adapters import cli
 from dist_adapters.recipe import train
@@ -36,8 +40,9 @@ def probed_inject(model, config, *args, **kwargs):
     forward = mlp_class.forward
 
     def counting_forward(self, *args, **kwargs):
-        seen["block_calls"][names[id(self)]] += 1
-        seen["training"].add(self.training)
+        if torch.is_grad_enabled():  # training forwards only (not the save-time verification probe)
+            seen["block_calls"][names[id(self)]] += 1
+            seen["training"].add(self.training)
         return forward(self, *args, **kwargs)
 
     mlp_class.forward = counting_forward
