@@ -96,7 +96,9 @@ def compare_logits(logits, record: dict, atol: Optional[float]) -> tuple[float, 
         raise VerifyFailure(f"probe logits have shape {got['shape']}, the live model's had {want['shape']}")
     numel = math.prod(want["shape"])
     rms = math.sqrt(max(want["sum_sq"], 0.0) / numel)
-    tol = (atol if atol is not None else TOLERANCE.get(record.get("base_dtype") or "float32", 1e-4)) * max(1.0, rms)
+    if atol is None:  # the coarser of the base's dtype and the logits' (FSDP mixed precision computes in bf16)
+        atol = max(TOLERANCE.get(record.get("base_dtype") or "float32", 1e-4), TOLERANCE.get(want["dtype"], 1e-4))
+    tol = atol * max(1.0, rms)
     diffs = [abs(a - b) for a, b in zip(got["samples"], want["samples"])]
     worst = max(diffs)
     rel_sq = abs(got["sum_sq"] - want["sum_sq"]) / max(want["sum_sq"], 1e-30)
