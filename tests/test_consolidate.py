@@ -576,3 +576,23 @@ def test_consolidate_verify(ckpts, single_run, tmp_path):
     res = cli("consolidate", str(tmp_path / "empty.safetensors"), str(tmp_path / "empty"), "--quiet", "--verify",
               "--config", str(run / "adapter_config.json"), "--base", str(run / "base_model"))
     assert res.returncode == 1 and "does not change the base model's logits" in res.stderr, res.stderr[-2000:]
+
+
+def test_trainer_fsdp_checkpoint_layout(ckpts, tmp_path):
+    """Issue 22: what the Trainer writes under FSDP (SHARDED_STATE_DICT): accelerate's
+    `pytorch_model_fsdp_0/` inside `checkpoint-N/`, among the Trainer's own files, one of which
+    (training_args.bin) pickles a TrainingArguments. The real FSDP2 save of `accelerate-peft`
+    placed so; the adapter comes out equal to the one of the bare DCP directory."""
+    from transformers import TrainingArguments
+
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(ckpts["accelerate-peft"] / "ckpt", ckpt)
+    shutil.copy(ckpts["accelerate-peft"] / "adapter_config.json", ckpt)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": []}))
+    torch.save(TrainingArguments(output_dir=str(tmp_path), use_cpu=True), ckpt / "training_args.bin")
+    torch.save({"python": 0, "cpu": torch.get_rng_state()}, ckpt / "rng_state_0.pth")
+    (ckpt / "optimizer_0").mkdir()
+    got, res = _consolidate(ckpt, tmp_path / "out")
+    want, _ = _consolidate(ckpts["accelerate-peft"] / "ckpt", tmp_path / "bare")
+    assert "pytorch_model_fsdp_0" in res.stdout or "DCP" in res.stdout, res.stdout
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
