@@ -70,10 +70,11 @@ CASES = {
     "model-missing": (TRAIN + ["model.path={root}/nowhere"], ["model.path", "nowhere"], "out"),
     "model-empty-dir": (TRAIN + ["model.path={root}/empty_dir"], ["model.path", "empty_dir"], "out"),
     # resuming
-    "resume-other-strategy": (TRAIN + ["train.resume_from={root}/run/checkpoints/step_2", "parallel.strategy=fsdp2",
-                                       "launch.nproc_per_node=2"], ["step_2", "'none'", "'fsdp2'"], "out"),
-    "resume-zero-from-none": (TRAIN + ["train.resume_from={root}/run/checkpoints/step_2", "parallel.strategy=zero2",
-                                       "launch.nproc_per_node=2"], ["step_2", "'zero2'"], "out"),
+    # a checkpoint without the engine-neutral dcp/ (written before issue 22) under another strategy
+    "resume-other-strategy": (TRAIN + ["train.resume_from={root}/old_step_2", "parallel.strategy=fsdp2",
+                                       "launch.nproc_per_node=2"], ["old_step_2", "'none'", "'fsdp2'", "dcp/"], "out"),
+    "resume-zero-from-none": (TRAIN + ["train.resume_from={root}/old_step_2", "parallel.strategy=zero2",
+                                       "launch.nproc_per_node=2"], ["old_step_2", "'zero2'"], "out"),
     "resume-missing": (TRAIN + ["train.resume_from={root}/run/checkpoints/step_9"], ["step_9", "does not exist"],
                        "out"),
     "resume-not-a-checkpoint": (TRAIN + ["train.resume_from={root}/empty_dir"], ["empty_dir", "trainer_state.json"],
@@ -170,6 +171,12 @@ def _inputs(root) -> None:
     (root / "hosts_bad").write_text("node-a slots=2\nnode-b slotz=2\n")
     (root / "bad_lr.yaml").write_text(f"train:\n  lr: fast\n  output_dir: {root}/out\n")
     train(config(root / "run", **{"train.steps": 2, "train.checkpoint_every": 2}))
+    old = root / "old_step_2"  # as a checkpoint from before the neutral layout: no dcp/
+    shutil.copytree(root / "run" / "checkpoints" / "step_2", old)
+    shutil.rmtree(old / "dcp")
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("dcp/")}
+    (old / "manifest.json").write_text(json.dumps(manifest))
     tensors = load_file(str(root / "run" / "adapter" / "adapter_model.safetensors"))
     # a bare state-dict file, as a training script saves it (our in-memory names, no config)
     bare = {k.removeprefix("base_model.model.").replace(".weight", ".default.weight"): v
@@ -180,12 +187,19 @@ def _inputs(root) -> None:
     (root / "qalora" / "adapter_config.json").write_text(json.dumps({**qalora, "use_qalora": True}))
 
 
+def _own(arg: str, name: str, created) -> str:
+    """Each case writes (or must not write) its own output path: cases run two at a time, and a
+    shared `out` would let one case's directory look like another's leftover."""
+    return arg.replace(f"{{root}}/{created}", f"{{root}}/{created}.{name}") if created else arg
+
+
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
     _inputs(root)
     before = _tree_hashes(root)
-    argvs = {name: [a.replace("{root}", str(root)) for a in argv] for name, (argv, _, _) in CASES.items()}
+    argvs = {name: [_own(a, name, created).replace("{root}", str(root)) for a in argv]
+             for name, (argv, _, created) in CASES.items()}
     results = cli_forked(argvs)
     return root, before, _tree_hashes(root), results
 
@@ -207,7 +221,7 @@ def test_bad_input_is_one_line_exit_2_naming_it(table, name):
         assert fragment.replace("{root}", str(root)) in res.stderr, (fragment, res.stderr)
     assert "dist-adapters launch:" not in res.stdout, "no process may be started for bad input"
     if created is not None:
-        assert not (root / created).exists(), f"{created} was created"
+        assert not (root / f"{created}.{name}").exists(), f"{created}.{name} was created"
 
 
 def test_bad_input_changes_nothing_that_existed(table):

@@ -105,10 +105,12 @@ def check_resumable(directory: str, strategy) -> dict:
     if not any(os.path.exists(os.path.join(directory, name)) for name in strategy.optimizer_state):
         # a checkpoint from before the neutral layout, or an expert-parallel one read elsewhere
         written = state.get("strategy", "another strategy")
-        readers = ", ".join(n for n, s in STRATEGIES.items() if s.optimizer_state == strategy.optimizer_state)
-        raise RecipeError(f"train.resume_from {directory!r} was written under parallel.strategy {written!r}; "
-                          f"{strategy.name!r} resumes only checkpoints of {readers} (it reads "
-                          f"{' or '.join(strategy.optimizer_state)}); resume with the strategy that wrote it")
+        readers = ", ".join(n for n, s in STRATEGIES.items() if set(s.optimizer_state) & set(
+            name for name in os.listdir(directory)))
+        raise RecipeError(f"train.resume_from {directory!r} was written under parallel.strategy {written!r} and "
+                          f"holds no engine-neutral dcp/ (expert parallel, or written before it existed); "
+                          f"{strategy.name!r} reads {' or '.join(strategy.optimizer_state)}: resume it under one "
+                          f"of {readers}")
     return state
 
 
