@@ -120,7 +120,7 @@ def test_merge_save_load_under_fsdp(engine, tmp_path):
     assert got["unmerged_vs_plain"] <= LOGITS_TOL  # measured 1.8e-7
     assert got["unmerged_weight_diff"] <= WEIGHTS_TOL  # measured 0 to 7.5e-9
     assert got["loaded_vs_plain"] <= LOGITS_TOL  # measured 0.0
-    assert got["saved_files"] == ["adapter_config.json", "adapter_model.safetensors"] and got["tiny_saved"]
+    assert got["saved_files"] == ["adapter_config.json", "adapter_model.safetensors", "verification.json"] and got["tiny_saved"]
     # DoRA under the engine: logits, merged ((m/n) * (W + s B A) written into the shards) and unmerged
     assert got["dora_logits"] <= LOGITS_TOL and got["dora_unmerged"] <= LOGITS_TOL
     assert got["dora_merged"] <= 1e-5 and got["dora_merge_moves"] > 1e-2
