@@ -82,7 +82,7 @@ def _auto_mapping(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
-                 convert_from: Optional[str] = None, engine: Optional[str] = None) -> str:
+                 convert_from: Optional[str] = None, engine: Optional[str] = None, probe: bool = True) -> str:
     """Write a PEFT directory; a non-default adapter goes to ``path/<adapter_name>`` as peft does.
 
     ``convert_from``: the PEFT directory of this PiSSA / OLoRA adapter at its start (as peft's
@@ -92,7 +92,9 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
     Also writes ``verification.json`` (checkpoint/verification.py): every tensor's sha256 and,
     when this is the model's only adapter, the live model's logits on a fixed probe batch, which
     ``dist-adapters verify`` reproduces in a fresh process. ``engine``: how the model runs, for
-    that record (the recipe passes its strategy; default: told from the wrappers).
+    that record (the recipe passes its strategy; default: told from the wrappers). The probe is
+    one eval forward of the model as it runs (under FSDP / ZeRO-3 it gathers unit by unit, as a
+    training forward does); ``probe=False`` records the tensors only.
 
     Collective-safe: every rank computes the state dict and runs the probe, only rank 0 writes;
     the weights file is written first and the config last, each atomically, so a directory with
@@ -109,7 +111,7 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default",
         tensors = convert_to_lora(tensors, read_adapter_weights(convert_from)[0])
         config = converted_config(config)
     out_dir = path if adapter_name == "default" else os.path.join(path, adapter_name)
-    probe = convert_from is None and len(adapter_configs(inner)) == 1  # the logits are this adapter's alone
+    probe = probe and convert_from is None and len(adapter_configs(inner)) == 1  # this adapter's logits alone
     verification = record(model, tensors, engine, probe, config.base_model_name_or_path)
     if rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
