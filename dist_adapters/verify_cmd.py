@@ -46,24 +46,21 @@ def _adapter_dir(path: str) -> tuple[str, Optional[str]]:
 def check_tensors(adapter: str, record: dict) -> int:
     """Every tensor of the adapter against the record's sha256; the count checked."""
     from .checkpoint.allow_list import CheckpointError
-    from .checkpoint.manifest import tensor_sha256
+    from .checkpoint.manifest import first_difference
     from .checkpoint.peft_format import read_adapter_weights
 
     try:
         tensors, file = read_adapter_weights(adapter)  # the file's own manifest first
     except CheckpointError as exc:
         raise VerifyFailure(str(exc)) from None
-    recorded = record["tensors"]
-    for key in sorted(set(recorded) | set(tensors)):
-        if key not in tensors:
-            raise VerifyFailure(f"{file}: tensor {key!r} was saved but is missing")
-        if key not in recorded:
-            raise VerifyFailure(f"{file}: tensor {key!r} was not in the saved adapter")
-        if tensor_sha256(tensors[key]) != recorded[key]:
-            t = tensors[key]
-            raise VerifyFailure(f"{file}: tensor {key!r} (shape {list(t.shape)}) differs from the one saved "
-                                "(sha256)")
-    return len(recorded)
+    found = first_difference(tensors, record["tensors"])
+    if found is not None:
+        key, what = found
+        shape = f" (shape {list(tensors[key].shape)})" if key in tensors else ""
+        raise VerifyFailure(f"{file}: tensor {key!r}{shape} " + {
+            "missing": "was saved but is missing", "unrecorded": "was not in the saved adapter",
+            "changed": "differs from the one saved (sha256)"}[what])
+    return len(record["tensors"])
 
 
 def _load_base(base: str, record: dict, run_dir: Optional[str]):

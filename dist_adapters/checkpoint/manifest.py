@@ -56,15 +56,28 @@ def check_tensors(tensors: dict[str, Any], metadata: Optional[dict], path: str) 
         recorded = json.loads(recorded_text)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: its {TENSOR_SHA_KEY} metadata is not valid JSON ({exc})") from None
+    found = first_difference(tensors, recorded)
+    if found is not None:
+        key, what = found
+        raise CheckpointError(f"{path}: tensor {key!r} " + {
+            "missing": "is listed in its sha256 manifest but missing",
+            "unrecorded": "is not in its sha256 manifest (added after writing?)",
+            "changed": "does not match its recorded sha256 (the file was changed or corrupted after it was "
+                       "written)"}[what])
+    return True
+
+
+def first_difference(tensors: dict[str, Any], recorded: dict[str, str]) -> Optional[tuple[str, str]]:
+    """(key, "missing" | "unrecorded" | "changed") of the first key, in sorted order, where the
+    tensors and the recorded sha256 disagree; None when they agree."""
     for key in sorted(set(recorded) | set(tensors)):
         if key not in tensors:
-            raise CheckpointError(f"{path}: tensor {key!r} is listed in its sha256 manifest but missing")
+            return key, "missing"
         if key not in recorded:
-            raise CheckpointError(f"{path}: tensor {key!r} is not in its sha256 manifest (added after writing?)")
+            return key, "unrecorded"
         if tensor_sha256(tensors[key]) != recorded[key]:
-            raise CheckpointError(f"{path}: tensor {key!r} does not match its recorded sha256 (the file was "
-                                  "changed or corrupted after it was written)")
-    return True
+            return key, "changed"
+    return None
 
 
 def file_sha256(path: str) -> str:
