@@ -160,9 +160,8 @@ def verify_converted(out: str, src: str, base: Optional[str], fmt: str) -> str:
 
     import torch
 
-    from .checkpoint.manifest import tensor_sha256
     from .checkpoint.peft_format import read_adapter_weights
-    from .checkpoint.verification import VERIFICATION_NAME, logits_record, probe_ids, write
+    from .checkpoint.verification import VERIFICATION_NAME, probe_ids, record, write
 
     theirs = next((os.path.join(d, VERIFICATION_NAME) for d in (src, os.path.join(src, "adapter"))
                    if os.path.isfile(os.path.join(d, VERIFICATION_NAME))), None)
@@ -193,10 +192,7 @@ def verify_converted(out: str, src: str, base: Optional[str], fmt: str) -> str:
                             "zero: an empty or never-trained adapter?)")
     tensors, _ = read_adapter_weights(out)
 
-    write(out, {"format": 1, "tensors": {k: tensor_sha256(v) for k, v in sorted(tensors.items())}, "world_size": 1,
-                "engine": f"consolidated from {fmt}", "base_model_name_or_path": base,
-                "base_dtype": str(model.dtype).removeprefix("torch."), "quantization": None,
-                "probe": {"input_ids": ids.tolist()}, "logits": logits_record(logits)})
+    write(out, record(model, tensors, engine=f"consolidated from {fmt}", base_model=base))  # the save's format
     return (f"{len(tensors)} tensors load onto {base}; the probe's logits are finite and move by up to {change:.3g} "
             f"from the base; recorded in {os.path.join(out, VERIFICATION_NAME)} (no live-model record in {fmt})")
 

@@ -545,6 +545,7 @@ def test_fuzzed_checkpoints_end_in_a_clear_error_or_the_clean_adapter(ckpts, sin
             continue
         assert res.returncode == 0, (case, what[case], res.returncode, res.stderr[-2000:])
         got = load_file(out)
+        # bitwise: both conversions copy the same stored bytes, no arithmetic in between
         if sorted(got) == sorted(clean[name]) and all(torch.equal(got[k], clean[name][k]) for k in got):
             tally["identical"] += 1
             continue
@@ -595,4 +596,5 @@ def test_trainer_fsdp_checkpoint_layout(ckpts, tmp_path):
     got, res = _consolidate(ckpt, tmp_path / "out")
     want, _ = _consolidate(ckpts["accelerate-peft"] / "ckpt", tmp_path / "bare")
     assert "pytorch_model_fsdp_0" in res.stdout or "DCP" in res.stdout, res.stdout
+    # bitwise: the same DCP shards read twice, bytes copied
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)

@@ -49,6 +49,7 @@ def test_trainer_checkpoint_consolidates_to_the_live_adapter(trainer_runs, tmp_p
     got = load_file(tmp_path / "out" / "adapter_model.safetensors")
     live = torch.load(run / "live_adapter.pt", weights_only=True)
     assert sorted(got) == sorted(live) and len(got) == 28
+    # bitwise (the issue asks torch.equal): the checkpoint's bytes are the live fp32 masters, copied
     assert all(torch.equal(got[k], live[k]) for k in live)
     probe = torch.load(run / "live_logits.pt", weights_only=True)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base_model"), str(tmp_path / "out"))
