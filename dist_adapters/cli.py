@@ -117,7 +117,9 @@ def add_checkpoint_parsers(sub) -> None:
                            "SRC is ours, else check it loads, gives finite logits and changes them; writes "
                            "OUT/verification.json (see dist-adapters verify)")
     cons.add_argument("--base", default=None, metavar="BASE_DIR",
-                      help="with --verify: the base model (default: base_model_name_or_path of the config)")
+                      help="the Hugging Face base model: with --verify, the model to load OUT onto (default: "
+                           "base_model_name_or_path of the config); a torchtitan checkpoint needs its config.json "
+                           "for the head count of the q/k rotary row order")
     _add_target(cons)
 
 
@@ -163,7 +165,7 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
                        adapter_name=args.adapter_name, strip_prefix=args.strip_prefix,
                        split=_parse_split(args.split), quiet=args.quiet, warn=warn, lora_alpha=args.lora_alpha,
                        guess_alpha=args.guess_alpha, overwrite=args.overwrite, target=args.target,
-                       max_lora_rank=args.max_lora_rank)
+                       max_lora_rank=args.max_lora_rank, base=args.base)
     where = f", tag {done['tag']}" if done.get("tag") else ""
     print(f"{done['format']} ({done['world_size']} ranks{where}) -> {os.path.abspath(done['out'])}: "
           f"{done['tensors']} tensors, {done['bytes'] / 2**20:.2f} MiB, adapter {done['adapter_name']!r}, "

@@ -44,8 +44,9 @@ from .zero_reader import ZeroCheckpoint, is_zero_dir
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def open_source(path: str, tag: Optional[str] = None):
-    """The reader for ``path``; the checks run in order of how specific a layout is."""
+def open_source(path: str, tag: Optional[str] = None, base: Optional[str] = None):
+    """The reader for ``path``; the checks run in order of how specific a layout is. ``base``:
+    the HF base model directory, which a torchtitan checkpoint needs (torchtitan_reader)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
     if os.path.isdir(path):
@@ -65,18 +66,32 @@ def open_source(path: str, tag: Optional[str] = None):
     files = find_rank_files(path)
     if files:
         return RankFilesCheckpoint(path, files)
+    from .bridge_reader import BridgeSource, bridge_iteration_dir
     from .dcp_reader import DcpCheckpoint, find_dcp_dir  # imports torch
 
+    bridge = bridge_iteration_dir(path)
+    if bridge is not None:
+        return BridgeSource(DcpCheckpoint(bridge))
     dcp = find_dcp_dir(path)
     if dcp is not None:
-        return DcpCheckpoint(dcp)
+        return _dcp_source(DcpCheckpoint(dcp), base)
     for name in ("pytorch_model_fsdp.bin", "adapter_model.safetensors", "model.safetensors", "pytorch_model.bin"):
         if os.path.isfile(os.path.join(path, name)):
             return FileSource(os.path.join(path, name))
     raise CheckpointError(f"{path}: not a checkpoint this tool reads: expected a DeepSpeed directory ('latest' "
                           "or *_optim_states.pt), a DCP directory (.metadata, or accelerate's pytorch_model_fsdp_0/), "
                           "FSDP1 per-rank files (*_rank0.bin ...), Megatron shards (mp_rank_00/shards.json), "
+                          "a Megatron-Bridge run (latest_checkpointed_iteration.txt, iter_N/run_config.yaml), "
                           "a PEFT directory, or a state-dict file")
+
+
+def _dcp_source(dcp, base: Optional[str]):
+    """A DCP directory holds our names, or torchtitan's or Megatron-Bridge's (their own readers)."""
+    from .torchtitan_reader import TorchtitanSource, is_torchtitan_lora
+
+    if is_torchtitan_lora(dcp.names):
+        return TorchtitanSource(dcp, base)
+    return dcp
 
 
 # ------------------------------------------------------------------------------- config
@@ -152,6 +167,8 @@ def _found_config(src: str, source, given: Optional[str]):
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}: not valid JSON ({exc})") from exc
         return config_from_dict(data, source=path), path
+    if hasattr(source, "own_config"):  # a format that records its adapter's settings (Megatron-Bridge)
+        return source.own_config()
     found = _candidates(src, source)
     if found:
         return load_config(os.path.dirname(found[0])), found[0]
@@ -306,18 +323,19 @@ def consolidate(src: str, out: str, *, tag: Optional[str] = None, config: Option
                 dtype: Optional[str] = None, adapter_name: Optional[str] = None, strip_prefix: str = "",
                 split: Optional[dict] = None, quiet: bool = False, warn=None, lora_alpha: Optional[float] = None,
                 guess_alpha: bool = False, overwrite: bool = False, target: Optional[str] = None,
-                max_lora_rank: Optional[int] = None) -> dict:
+                max_lora_rank: Optional[int] = None, base: Optional[str] = None) -> dict:
     """Write the PEFT directory ``out`` from the checkpoint ``src``; returns a summary. ``out``
     must not exist (or be empty) unless ``overwrite``; ``lora_alpha`` / ``guess_alpha``: see
     ``infer_config``; ``target`` ("vllm"): refuse, naming each change, what that engine would not
-    serve (checkpoint/serving.py; ``max_lora_rank`` as it would be started with)."""
+    serve (checkpoint/serving.py; ``max_lora_rank`` as it would be started with); ``base``: the HF
+    base model directory, for a torchtitan source's head count."""
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     if _inside(out, src) or _inside(src, out):
         raise ValueError(f"OUT {out!r} and SRC {src!r} overlap: the source is never written to; choose another OUT")
     _check_out(out, overwrite)
-    source = open_source(src, tag)
+    source = open_source(src, tag, base)
     keys = AdapterKeys(source.names, getattr(source, "dir", src), adapter_name, strip_prefix or source.outer_prefix,
                        getattr(source, "peft_keys", False))
     shapes = {k: source.shapes[v] for k, v in keys.to_source.items()}

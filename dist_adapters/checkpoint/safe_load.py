@@ -83,7 +83,7 @@ def load_tensor_bytes(data: bytes, where: str) -> torch.Tensor:
 def _dcp_allowed() -> dict[tuple[str, str], Any]:
     import pathlib
 
-    from torch.distributed.checkpoint import filesystem, metadata
+    from torch.distributed.checkpoint import filesystem, metadata, planner
 
     allowed: dict[tuple[str, str], Any] = {}
     for name in ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "BytesStorageMetadata",
@@ -91,6 +91,10 @@ def _dcp_allowed() -> dict[tuple[str, str], Any]:
         if hasattr(metadata, name):
             allowed[("torch.distributed.checkpoint.metadata", name)] = getattr(metadata, name)
     allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = filesystem._StorageInfo
+    # megatron-core's torch_dist writer caches every rank's save plan in Metadata.all_local_plans:
+    # plain dataclasses and an enum of torch's planner, no callables
+    for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"):
+        allowed[("torch.distributed.checkpoint.planner", name)] = getattr(planner, name)
     allowed[("torch", "Size")] = torch.Size
     allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
     for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
