@@ -28,8 +28,14 @@ $(VENV)/.install-stamp: $(VENV)/.torch-stamp pyproject.toml
 	$(PIP) install --quiet -e .
 	touch $@
 
-$(VENV)/.test-stamp: $(VENV)/.install-stamp pyproject.toml
+# torchtitan (tests/test_foreign_sources.py writes a real torchtitan checkpoint) is installed
+# without its requirements: they pin datasets<4.8 and pull wandb, tensorboard and torchdata, none
+# of which its LoRA, optimizer and checkpointer use; these are what that path imports (and tyro needs).
+TORCHTITAN := torchtitan==0.3.0 spmd_types==0.2.3 tyro==1.0.17 docstring_parser==0.18.0 typeguard==4.6.1
+
+$(VENV)/.test-stamp: $(VENV)/.install-stamp pyproject.toml Makefile
 	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet --no-deps $(TORCHTITAN)
 	touch $@
 
 venv: $(PY)

@@ -89,6 +89,9 @@ def add_checkpoint_parsers(sub) -> None:
                                          "(peft names) with shapes and dtypes, and its adapter_config.json.")
     inspect.add_argument("src", metavar="PATH", help="checkpoint directory or file")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.add_argument("--base", default=None, metavar="BASE_DIR",
+                         help="a torchtitan checkpoint: the Hugging Face base model (its config.json has the head "
+                              "counts that split the fused q/k/v)")
     for p in (cons, inspect):
         p.add_argument("--tag", default=None, help="DeepSpeed tag to read (default: the 'latest' file)")
         p.add_argument("--adapter-name", default=None, help="adapter to take when the checkpoint holds several "
@@ -188,7 +191,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from .checkpoint.consolidate import inspect
 
-    info = inspect(args.src, tag=args.tag, adapter_name=args.adapter_name, strip_prefix=args.strip_prefix)
+    info = inspect(args.src, tag=args.tag, adapter_name=args.adapter_name, strip_prefix=args.strip_prefix,
+                   base=args.base)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0

@@ -72,6 +72,10 @@ TESTED_BY = {
         "tests/test_consolidate.py::test_dcp_checkpoint_equals_dcp_to_torch_save_and_loads_in_peft",
     "dist-adapters consolidate megatron_shards/ out/adapter":
         "tests/test_megatron.py::test_consolidate_tp2_shards_equals_the_single_process_adapter",
+    "dist-adapters consolidate outputs/checkpoint/step-1000 out/adapter --base llama3_hf --lora-alpha 16":
+        "tests/test_foreign_sources.py::test_torchtitan_checkpoint_consolidates_to_the_live_adapter",
+    "dist-adapters consolidate bridge_run/checkpoints out/adapter":
+        "tests/test_foreign_sources.py::test_megatron_bridge_checkpoint_consolidates_to_the_live_adapter",
     "dist-adapters consolidate ckpt out/adapter --split qkv_proj=q_proj:4096,k_proj:1024,v_proj:1024":
         "tests/test_consolidate.py::test_split_fused_projection",
     "python -m torch.distributed.run --standalone --nproc_per_node 2 examples/deepspeed_consolidate.py --out runs/ds":

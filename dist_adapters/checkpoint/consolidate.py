@@ -358,10 +358,11 @@ def consolidate(src: str, out: str, *, tag: Optional[str] = None, config: Option
             "config": origin, "out": out, "other_adapters": keys.others}
 
 
-def inspect(path: str, tag: Optional[str] = None, adapter_name: Optional[str] = None, strip_prefix: str = "") -> dict:
+def inspect(path: str, tag: Optional[str] = None, adapter_name: Optional[str] = None, strip_prefix: str = "",
+            base: Optional[str] = None) -> dict:
     """Format, world size, stage and tag, the adapter's keys with shapes and dtypes, and its config;
     reads metadata only (a DCP or ZeRO checkpoint's tensors are not loaded)."""
-    source = open_source(path, tag)
+    source = open_source(path, tag, base)
     info = source.describe()
     try:
         keys = AdapterKeys(source.names, getattr(source, "dir", path), adapter_name,
