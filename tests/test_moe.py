@@ -213,20 +213,32 @@ def test_moe_recipe_under_each_engine_equals_single_process(moe_single, tmp_path
     assert sorted(converted) == sorted(saved) and all(torch.equal(converted[k], saved[k]) for k in saved)
 
 
-def test_ep_checkpoint_resumes_at_one_process_with_its_adam_state(tmp_path):
-    """AdamW this time (its moments are the state to carry): ``ep@2``'s checkpoint of step 2,
-    resumed under ``none`` on one process, ends where the uninterrupted ``ep@2`` run ends
-    (measured 3.7e-6; with the moments zeroed in the checkpoint: 2.9e-2)."""
+def test_ep_checkpoints_resume_across_engines_with_their_adam_state(tmp_path):
+    """AdamW this time (its moments are the state to carry), through the engine-neutral ``dcp/``
+    (issue 22) both ways: ``ep@2``'s checkpoint of step 2 resumed under ``none@1`` and under
+    ``fsdp2@2``, and ``fsdp2@2``'s resumed under ``ep@2``, each ending where the uninterrupted
+    ``ep@2`` run ends. Measured 6.1e-7 (-> none@1), 4.0e-7 (-> fsdp2@2), 2.1e-5 (fsdp2@2 -> ep@2:
+    its first two steps ran under FSDP2, whose rounding AdamW carries); with the moments zeroed
+    in the neutral layout ep writes, or not read by ep: 3.0e-2 and 3.5e-2."""
     from recipe_helpers import ADAMW_TOL, max_adapter_diff
 
     adam = {"train.optimizer": "adamw", "train.lr": 1e-2, "train.max_grad_norm": 1.0}
     run = _moe_run(tmp_path / "ep", **adam, **EP, **{"parallel.strategy": "ep", "launch.nproc_per_node": 2})
-    resumed = _moe_run(tmp_path / "resumed", **adam, **{"train.micro_batch_size": 2, "parallel.strategy": "none",
-                                                        "launch.nproc_per_node": 1,
-                                                        "train.resume_from": str(run / "checkpoints" / "step_2")})
-    diff = max_adapter_diff(run, resumed)
-    print(f"ep@2 step 2 resumed at none@1 vs uninterrupted ep@2: {diff:.2e}")
-    assert diff <= ADAMW_TOL
+    ep_step2 = str(run / "checkpoints" / "step_2")
+    assert (run / "checkpoints" / "step_2" / "dcp" / ".metadata").is_file()
+    first = _moe_run(tmp_path / "fsdp2", **adam, **{"parallel.strategy": "fsdp2", "launch.nproc_per_node": 2,
+                                                     "train.steps": 2})
+    resumes = {
+        "ep@2 -> none@1": {"train.micro_batch_size": 2, "parallel.strategy": "none", "launch.nproc_per_node": 1,
+                           "train.resume_from": ep_step2},
+        "ep@2 -> fsdp2@2": {"parallel.strategy": "fsdp2", "launch.nproc_per_node": 2, "train.resume_from": ep_step2},
+        "fsdp2@2 -> ep@2": {**EP, "parallel.strategy": "ep", "launch.nproc_per_node": 2,
+                            "train.resume_from": str(first / "checkpoints" / "step_2")},
+    }
+    for i, (pair, over) in enumerate(resumes.items()):
+        diff = max_adapter_diff(run, _moe_run(tmp_path / f"resumed{i}", **adam, **over))
+        print(f"{pair} from step 2 vs uninterrupted ep@2: {diff:.2e}")
+        assert diff <= ADAMW_TOL, pair
 
 
 def test_an_expert_without_tokens_gets_zero_gradient():

@@ -73,3 +73,28 @@ def test_rule_set_is_data_with_sources():
     table = serving.rules("vllm")
     assert table["source"] and all("vllm" in s for s in table["source"])
     assert table["max_lora_ranks"][-1] == 512 and table["default_max_lora_rank"] == 16
+
+
+def test_expert_lora_needs_both_3d_weights():
+    """vLLM's 3-D MoE LoRA loader (lora/model_manager.py) reads experts.base_layer as
+    gate_up_proj and experts as down_proj and asserts both: LoRA on one of them is flagged, on
+    both passes (peft nests gate_up_proj inside whatever the order of target_parameters)."""
+    import transformers as tf
+
+    def keys_of(**fields):
+        torch_model = tf.MixtralForCausalLM(tf.MixtralConfig(
+            vocab_size=64, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=16, num_local_experts=4, num_experts_per_tok=2))
+        model = da.inject(torch_model, da.LoraConfig(r=2, **fields))
+        return [k for k in da.adapter_state_dict(model)]
+
+    both = keys_of(target_modules=["q_proj"], target_parameters=["gate_up_proj", "down_proj"])
+    assert any(".experts.base_layer.lora_A" in k for k in both) and any(".experts.lora_A" in k for k in both)
+    assert serving.problems("vllm", {"r": 2}, both) == []
+    one = keys_of(target_modules=["q_proj"], target_parameters=["down_proj"])
+    found = serving.problems("vllm", {"r": 2}, one)
+    assert len(found) == 1 and "'base_model.model.model.layers.0.mlp.experts'" in found[0], found
+    assert "one of its two 3-D weights (experts.lora_A)" in found[0]
+    assert "target both gate_up_proj and down_proj" in found[0]
+    gate_up_only = keys_of(target_modules=["q_proj"], target_parameters=["gate_up_proj"])
+    assert len(serving.problems("vllm", {"r": 2}, gate_up_only)) == 1

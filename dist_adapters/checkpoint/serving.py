@@ -4,13 +4,16 @@ The rules are data (``data/<target>_rules.json``, each file naming its sources i
 engine's code), so a new engine version changes a file, not this code. Each rule names a config
 key or a tensor-key fragment, what the engine does with it, and what to change. The rank rule
 is built in: every rank of the adapter (``r`` and ``rank_pattern``) against ``max_lora_rank``,
-with the smallest allowed value that would serve it. Torch-free (consolidate's offline path).
+with the smallest allowed value that would serve it; so is the pairing of 3-D expert LoRA
+(``moe_3d``: its wording is data). Not checked: whether the base's vLLM model class reads 3-D
+expert LoRA by default (that depends on the model, not the adapter; see the rules' sources). Torch-free (consolidate's offline path).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Iterable, Optional
 
 TARGETS = ("vllm",)
@@ -46,6 +49,21 @@ def _rank_problem(config: dict, table: dict, max_lora_rank: Optional[int]) -> Op
     return f"rank {rank} ({where}) is greater than --max-lora-rank {limit}: {fix}"
 
 
+_EXPERTS = re.compile(r"^(?P<m>.+\.experts)(?P<inner>\.base_layer)?\.lora_A\.weight$")
+
+
+def _moe_problems(keys: list[str], rule: dict) -> list[str]:
+    """LoRA on the 3-D expert weights (peft's target_parameters; nested ParamWrappers save the
+    inner one under ``experts.base_layer``): each experts module needs both factors' pairs."""
+    held: dict[str, set[str]] = {}
+    for key in keys:
+        hit = _EXPERTS.match(key)
+        if hit:
+            held.setdefault(hit["m"], set()).add("experts.base_layer.lora_A" if hit["inner"] else "experts.lora_A")
+    return [f"{rule['problem'].format(module=repr(m), held=', '.join(sorted(h)))}: {rule['fix']}"
+            for m, h in sorted(held.items()) if len(h) < 2]
+
+
 def problems(target: str, config: dict, keys: Iterable[str], max_lora_rank: Optional[int] = None) -> list[str]:
     """Each incompatibility as "what; what to change" (empty: the engine accepts the adapter)."""
     table = rules(target)
@@ -63,6 +81,8 @@ def problems(target: str, config: dict, keys: Iterable[str], max_lora_rank: Opti
             hit = next((k for k in keys if rule["key_contains"] in k), None)
             if hit is not None:
                 found.append(f"{rule['problem'].format(key=repr(hit))}: {rule['fix']}")
+    if "moe_3d" in table:
+        found += _moe_problems(keys, table["moe_3d"])
     return found
 
 

@@ -38,9 +38,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..control import unwrap
 from ..layers.experts import ExpertFactorA, ExpertFactorB, LoraParameter
+from ..names import clean_name
 from . import access
-from .engine import Engine, sharded_grad_norm
+from .engine import NEUTRAL_DIR, Engine, sharded_grad_norm
 
 
 def _is_dtensor(t) -> bool:
@@ -254,7 +256,8 @@ class ExpertParallelEngine(Engine):
     """The dense engine (DDP or FSDP2, built over the model with the expert parameters ignored)
     plus the expert layout: expert gradients are reduced before the step, the gradient norm
     counts every tensor once, and the optimizer state is saved whole (``optimizer.pt``, as the
-    replicated engines write it), so it resumes under none / ddp / ep / fsdp2_ep at any size."""
+    replicated engines write it, and the engine-neutral ``dcp/``), so it resumes under any
+    strategy at any size, and reads any strategy's ``dcp/``."""
 
     def __init__(self, dense: Engine, layout: ExpertLayout) -> None:
         self.dense, self.layout = dense, layout
@@ -281,26 +284,65 @@ class ExpertParallelEngine(Engine):
     def _ordered(self) -> list[nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    def _named(self) -> list[tuple[str, nn.Parameter]]:
+        """(the name get_state_dict gives it, parameter) in the optimizer's order."""
+        names = {id(p): clean_name(n) for n, p in unwrap(self.model).named_parameters()}
+        return [(names[id(p)], p) for p in self._ordered()]
+
     def save_optimizer(self, directory: str) -> None:
-        """Every rank enters (expert and FSDP2 states are all-gathered); rank 0 writes."""
+        """Every rank enters (expert and FSDP2 states are all-gathered); rank 0 writes
+        ``optimizer.pt`` (by parameter order: this engine's own resume), and every rank the
+        engine-neutral ``dcp/`` from the same whole tensors (DCP keeps one copy of each)."""
         state = {}
         for index, p in enumerate(self._ordered()):
             values = self.optimizer.state.get(p, {})
             state[index] = {key: _whole(values[key], p) for key in sorted(values)}
+        groups = self.optimizer.state_dict()["param_groups"]
         if self.dist.is_main:
-            groups = self.optimizer.state_dict()["param_groups"]
             torch.save({"state": state, "param_groups": groups}, os.path.join(directory, "optimizer.pt"))
+        self._save_neutral(directory, state, groups)
+
+    def _save_neutral(self, directory: str, state: dict, groups: list) -> None:
+        """engine.save_neutral_state's layout, as ZeRO writes it (parallel/deepspeed.py): the
+        adapter and the optimizer state whole in PEFT shapes under the parameter names (an
+        expert lora_B as ``[out, r*E]``, not its ``[out, r, E]`` view), which get_state_dict of
+        any other engine asks for; DCP reshards them on load."""
+        import torch.distributed.checkpoint as dcp
+
+        named = self._named()
+        model_sd = {name: _whole(p.detach(), p) for name, p in named}
+        names = [name for name, _ in named]
+        optim_sd = {"state": {names[i]: values for i, values in state.items() if values},
+                    "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
+                                      "params": [names[i] for i in g["params"]]} for g in groups]}
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, NEUTRAL_DIR))
 
     def load_optimizer(self, directory: str, neutral: bool = False) -> None:
-        """Expert-parallel checkpoints only (``optimizer.pt`` by parameter order): the neutral
-        layout does not hold the expert states' placements yet."""
-        saved = torch.load(os.path.join(directory, "optimizer.pt"), map_location=self.dist.device, weights_only=True)
+        """Same strategy and world size: ``optimizer.pt``; else (``neutral``) the neutral
+        ``dcp/`` any strategy writes, read whole and placed as this engine holds each tensor."""
+        path = os.path.join(directory, "optimizer.pt")
+        if not os.path.isfile(path) or (neutral and os.path.isdir(os.path.join(directory, NEUTRAL_DIR))):
+            return self._load_neutral(directory)
+        saved = torch.load(path, map_location=self.dist.device, weights_only=True)
         params = self._ordered()
         if len(saved["state"]) > len(params):
             raise ValueError(f"{directory}/optimizer.pt holds state of {len(saved['state'])} parameters; "
                              f"this model trains {len(params)}")
         state = {i: {k: _placed(v, params[i]) for k, v in values.items()} for i, values in saved["state"].items()}
         self.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+    def _load_neutral(self, directory: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        inner = self.optimizer
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            return  # the recipe's other optimizer, plain SGD, has no state
+        named = self._named()
+        state = {name: {"step": torch.zeros(()), **{k: torch.empty(tuple(access.full_shape(p)))
+                                                    for k in ("exp_avg", "exp_avg_sq")}} for name, p in named}
+        dcp.load({"optim": {"state": state}}, checkpoint_id=os.path.join(directory, NEUTRAL_DIR))
+        placed = {i: {k: _placed(v, p) for k, v in state[name].items()} for i, (name, p) in enumerate(named)}
+        self.optimizer.load_state_dict({"state": placed, "param_groups": inner.state_dict()["param_groups"]})
 
 
 def _whole(value, p):

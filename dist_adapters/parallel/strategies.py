@@ -33,7 +33,7 @@ class Strategy:
     quantization: bool = False  # QLoRA verified (tests/test_quantized.py)
     modules_to_save: bool = True  # a trainable full copy of a module can train under it
     # what its engine's load_optimizer reads in a checkpoint (any one of them); "dcp" is the
-    # engine-neutral layout every strategy but ep / fsdp2_ep writes (parallel/engine.py)
+    # engine-neutral layout every strategy writes (parallel/engine.py)
     optimizer_state: tuple[str, ...] = ("optimizer.pt", "dcp")
     # called with (config, world size) before the model loads; the returned object is kept
     # alive while transformers' from_pretrained runs (ZeRO-3: load straight into partitions)
@@ -135,19 +135,17 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
              "expert parallel: each MoE layer's experts and their LoRA split over `parallel.ep_size` ranks "
              "(tokens routed by all-to-all), the rest replicated by DDP",
              "dist-adapters train configs/moe.yaml --set parallel.strategy=ep parallel.ep_size=2",
-             expert_parallel=True, optimizer_state=("optimizer.pt",)),
+             expert_parallel=True),
     Strategy("hf_ep", _hf_ep,
              "expert parallel by transformers itself (`DistributedConfig(ep_size=world)`: its all-to-all "
              "dispatch, the frozen dense weights FSDP2), the expert LoRA split alike, the rest of the adapter "
              "replicated by DDP",
              "dist-adapters train configs/moe.yaml --set parallel.strategy=hf_ep parallel.ep_size=2",
-             expert_parallel=True, ep_is_world=True, loading_kwargs=expert.transformers_loading,
-             optimizer_state=("optimizer.pt",)),
+             expert_parallel=True, ep_is_world=True, loading_kwargs=expert.transformers_loading),
     Strategy("fsdp2_ep", _fsdp2_ep,
              "experts over `parallel.ep_size` ranks as in `ep`, the rest FSDP2 over all ranks",
              "dist-adapters train configs/moe.yaml --set parallel.strategy=fsdp2_ep parallel.ep_size=2 "
-             "launch.nproc_per_node=4", expert_parallel=True, shards_parameters=True,
-             optimizer_state=("optimizer.pt",)),
+             "launch.nproc_per_node=4", expert_parallel=True, shards_parameters=True),
 ]}
 
 

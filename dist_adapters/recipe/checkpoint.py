@@ -1,10 +1,11 @@
 """Training checkpoints: ``OUTPUT/checkpoints/step_N/``.
 
     adapter/              the PEFT directory at step N (loads in peft as it is)
-    optimizer.pt          optimizer state of none / ddp / ep (tensors and numbers only; weights_only=True)
+    optimizer.pt          optimizer state of none / ddp / ep / fsdp2_ep / hf_ep (tensors and numbers only;
+                          weights_only=True)
     rng_rank{r}.pt        each rank's torch RNG state (dropout masks continue exactly on resume)
-    dcp/                  engine-neutral adapter + optimizer state by parameter name (every strategy but
-                          ep / fsdp2_ep writes it and reads it: resume under any strategy and world size)
+    dcp/                  engine-neutral adapter + optimizer state by parameter name (every strategy
+                          writes it and reads it: resume under any strategy and world size)
     deepspeed/ ...        an engine's own files, kept for same-engine resume (ZeRO)
     trainer_state.json    step, seed, world size, global batch: the data position is the step
     manifest.json         sha256 of every other file, checked on resume (checkpoint/manifest.py)
@@ -103,12 +104,12 @@ def check_resumable(directory: str, strategy) -> dict:
 
     state = read_state(directory)
     if not any(os.path.exists(os.path.join(directory, name)) for name in strategy.optimizer_state):
-        # a checkpoint from before the neutral layout, or an expert-parallel one read elsewhere
+        # a checkpoint from before the neutral layout (or of a model get_state_dict cannot walk)
         written = state.get("strategy", "another strategy")
         readers = ", ".join(n for n, s in STRATEGIES.items() if set(s.optimizer_state) & set(
             name for name in os.listdir(directory)))
         raise RecipeError(f"train.resume_from {directory!r} was written under parallel.strategy {written!r} and "
-                          f"holds no engine-neutral dcp/ (expert parallel, or written before it existed); "
+                          f"holds no engine-neutral dcp/ (written before it existed, or of a model it cannot hold); "
                           f"{strategy.name!r} reads {' or '.join(strategy.optimizer_state)}: resume it under one "
                           f"of {readers}")
     return state
