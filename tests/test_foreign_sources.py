@@ -34,6 +34,7 @@ def foreign(tmp_path_factory):
     res = torchrun_script("bridge_ckpt.py", [str(bridge)])
     assert res.returncode == 0 and "bridge checkpoints written" in res.stdout, res.stderr[-3000:]
     step = str(titan / "checkpoint" / "step-2")
+    _bad_copies(root, bridge, titan)
     cases = {
         "titan": ["consolidate", step, str(root / "out.titan"), "--lora-alpha", "8", "--base",
                   str(titan / "base_model"), "--verify", "--quiet"],
@@ -41,8 +42,33 @@ def foreign(tmp_path_factory):
         "titan_inspect": ["inspect", step, "--base", str(titan / "base_model"), "--json"],
         "bridge_tp1": ["consolidate", str(bridge / "tp1"), str(root / "out.bridge_tp1"), "--quiet"],
         "bridge_tp2": ["consolidate", str(bridge / "tp2" / "iter_0000010"), str(root / "out.bridge_tp2"), "--quiet"],
+        **{name: ["consolidate", str(root / name), str(root / f"out.{name}"), "--quiet"] for name in BAD_BRIDGE},
+        "titan_bad_base": ["consolidate", step, str(root / "out.titan_bad_base"), "--lora-alpha", "8", "--base",
+                           str(root / "bad_base"), "--quiet"],
     }
     return root, cli_forked(cases)
+
+
+# broken copies of the TP 1 Bridge run: (what is changed, a fragment the one-line error must name)
+BAD_BRIDGE = {
+    "bridge_tracker": ("latest_checkpointed_iteration.txt", "names iter_0000007"),
+    "bridge_dora": ("run_config.yaml", "megatron.bridge.peft.dora.DoRA"),
+    "bridge_no_heads": ("run_config.yaml", "model.num_attention_heads"),
+}
+
+
+def _bad_copies(root, bridge, titan) -> None:
+    import shutil
+
+    for name in BAD_BRIDGE:
+        shutil.copytree(bridge / "tp1", root / name)
+    (root / "bridge_tracker" / "latest_checkpointed_iteration.txt").write_text("7")
+    config = root / "bridge_dora" / "iter_0000010" / "run_config.yaml"
+    config.write_text(config.read_text().replace("megatron.bridge.peft.lora.LoRA", "megatron.bridge.peft.dora.DoRA"))
+    config = root / "bridge_no_heads" / "iter_0000010" / "run_config.yaml"
+    config.write_text(config.read_text().replace("num_attention_heads:", "num_heads:"))
+    (root / "bad_base").mkdir()
+    (root / "bad_base" / "config.json").write_text(json.dumps({"hidden_size": 256}))
 
 
 def _peft_diff(base_dir, adapter_dir, probe_file) -> tuple[float, float]:
@@ -92,6 +118,17 @@ def test_torchtitan_checkpoint_needs_the_base_for_its_head_counts(foreign):
     shown = json.loads(res["titan_inspect"].stdout)
     assert shown["format"] == "torchtitan DCP (LoRA)" and len(shown["adapter"]) == 86
     assert shown["adapter"]["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]["shape"] == [256, 4]
+
+
+@pytest.mark.parametrize("name", sorted(BAD_BRIDGE) + ["titan_bad_base"])
+def test_bad_foreign_checkpoints_get_one_line_naming_the_file(foreign, name):
+    root, res = foreign
+    case = res[name]
+    file, fragment = BAD_BRIDGE.get(name, ("config.json", "num_attention_heads"))
+    assert case.returncode == 2 and "Traceback" not in case.stderr, case.stderr[-2000:]
+    line = case.stderr.strip()
+    assert len(line.splitlines()) == 1 and file in line and fragment in line, line
+    assert not (root / f"out.{name}").exists()
 
 
 @pytest.mark.parametrize("tp", [1, 2])
