@@ -86,7 +86,8 @@ def open_source(path: str, tag: Optional[str] = None, base: Optional[str] = None
 
 
 def _dcp_source(dcp, base: Optional[str]):
-    """A DCP directory holds our names, or torchtitan's or Megatron-Bridge's (their own readers)."""
+    """A DCP directory holds our (or FSDP's, accelerate's) names, or torchtitan's (its own reader;
+    a Megatron-Bridge run is recognised before, by its tracker or run_config.yaml)."""
     from .torchtitan_reader import TorchtitanSource, is_torchtitan_lora
 
     if is_torchtitan_lora(dcp.names):

@@ -6,7 +6,8 @@ key or a tensor-key fragment, what the engine does with it, and what to change. 
 is built in: every rank of the adapter (``r`` and ``rank_pattern``) against ``max_lora_rank``,
 with the smallest allowed value that would serve it; so is the pairing of 3-D expert LoRA
 (``moe_3d``: its wording is data). Not checked: whether the base's vLLM model class reads 3-D
-expert LoRA by default (that depends on the model, not the adapter; see the rules' sources). Torch-free (consolidate's offline path).
+expert LoRA by default (that depends on the model, not the adapter; see the rules' sources).
+Torch-free (consolidate's offline path).
 """
 
 from __future__ import annotations
