@@ -79,6 +79,9 @@ def rotary_permute(b, heads: int):
     """A q/k ``lora_b`` [heads * hd, r] from torchtitan's row order to HF's (the permutation
     torchtitan's state_dict_adapter ``_permute`` applies to the base weight's rows)."""
     rows, r = b.shape
+    if rows % (2 * heads):
+        raise CheckpointError(f"a q/k lora_b with {rows} rows cannot hold {heads} heads of an even size: is --base "
+                              "the model this run trained?")
     return b.reshape(heads, rows // heads // 2, 2, r).transpose(1, 2).reshape(rows, r).contiguous()
 
 
